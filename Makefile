@@ -1,0 +1,42 @@
+# mailpipe — the two commands of the quick start are `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG := configs/mailpipe.toml
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+# Runs the example jobs on sample_data/. Rows that are bad on purpose make
+# `mailpipe run` exit 1; anything worse (2: config, 3: bug) fails the demo.
+demo: $(STAMP)
+	$(BIN)/mailpipe config check --config $(CONFIG)
+	$(BIN)/mailpipe run --config $(CONFIG) || test $$? -eq 1
+	@echo
+	$(BIN)/mailpipe results "$$(ls -d out/*/ | sort | tail -n 1)" || test $$? -eq 1
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
+	$(BIN)/mypy pipeline
+
+format: $(STAMP)
+	$(BIN)/ruff format pipeline tests bench
+	$(BIN)/ruff check --fix pipeline tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf out state bench/data bench/out

@@ -1,0 +1,275 @@
+"""The ``mailpipe`` command: parse options, call one library function, map the outcome.
+
+Exit codes (for cron and scripts)::
+
+    0  every row completed or was ignored (nothing to do is also 0)
+    1  some row failed or was rejected, or an input file could not be read
+    2  usage or config error: nothing was sent
+    3  internal error: a bug; the message says where to look
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from pipeline import __version__
+from pipeline.config import MailpipeConfig, check_config, load_config
+from pipeline.errors import MailpipeError
+from pipeline.logs import configure_logging, progress_display
+from pipeline.run import RunOutcome, open_run, outcome_of, run_pipeline, run_stage
+from pipeline.rundir import STAGES, RunDir
+
+__all__ = ["main"]
+
+log = logging.getLogger("mailpipe")
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_CONFIG = "configs/mailpipe.toml"
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def config_option(f: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        envvar="MAILPIPE_CONFIG",
+        default=DEFAULT_CONFIG,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="TOML config file (env MAILPIPE_CONFIG).",
+    )(f)
+
+
+def output_options(f: F) -> F:
+    f = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print the summary as JSON (with the run directory) on stdout.",
+    )(f)
+    f = click.option("--log-json", is_flag=True, help="Log JSON lines to stderr.")(f)
+    return f
+
+
+def handle_errors(f: F) -> F:
+    """Library errors become one line on stderr and exit code 2; bugs exit 3."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except MailpipeError as e:
+            click.echo(f"mailpipe: error: {e.message}", err=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            click.echo("mailpipe: interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as e:
+            log.exception("internal error")
+            click.echo(
+                f"mailpipe: internal error: {type(e).__name__}: {e} "
+                "(this is a bug; the traceback is above)",
+                err=True,
+            )
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(config_path: str, mode: str | None = None) -> MailpipeConfig:
+    cfg = load_config(config_path)
+    if mode:
+        cfg = cfg.model_copy(update={"delivery": cfg.delivery.model_copy(update={"mode": mode})})
+    return cfg
+
+
+def _finish(outcome: RunOutcome, as_json: bool) -> None:
+    summary = dict(outcome.summary)
+    summary["run_dir"] = str(outcome.run.path)
+    if as_json:
+        click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_summary(summary)
+    for path in outcome.failed_files:
+        err = next(i["error"] for i in summary.get("inputs", []) if i["path"] == path)
+        click.echo(f"mailpipe: file failed: {err}", err=True)
+    sys.exit(outcome.exit_code)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    rows = summary.get("rows")
+    if rows is not None:
+        status = summary.get("status", {})
+        click.echo(
+            f"{rows} rows: "
+            + ", ".join(f"{status.get(s, 0)} {s}" for s in ("completed", "failed", "ignored"))
+        )
+        for job, c in summary.get("jobs", {}).items():
+            codes = ", ".join(f"{k} {v}" for k, v in sorted(c.get("codes", {}).items()))
+            click.echo(f"  {job} ({c['target']}): {c['rows']} rows; {codes}")
+    click.echo(f"run directory: {summary['run_dir']}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mailpipe")
+def main() -> None:
+    """Turn order and signup files into documented email-platform payloads.
+
+    Every input row ends as one line of results.jsonl in the run directory.
+    Start with `mailpipe config check`, then `mailpipe run`.
+    """
+
+
+@main.command()
+@config_option
+@click.option(
+    "--job",
+    "jobs",
+    multiple=True,
+    metavar="NAME",
+    help="Run this job (repeatable). Default: every enabled job.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where run directories go (default: [run] out, 'out').",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["simulate", "http", "smtp"]),
+    default=None,
+    help="Delivery mode, overriding [delivery] mode.",
+)
+@click.option(
+    "--until",
+    type=click.Choice(list(STAGES)),
+    default="report",
+    show_default=True,
+    help="Stop after this stage (e.g. 'build' to inspect payloads without sending).",
+)
+@output_options
+@click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
+@handle_errors
+def run(
+    config_path: str,
+    jobs: tuple[str, ...],
+    out: str | None,
+    mode: str | None,
+    until: str,
+    as_json: bool,
+    log_json: bool,
+    inputs: tuple[str, ...],
+) -> None:
+    """Run the jobs: extract, normalize, build, deliver, report.
+
+    INPUTS, when given, replace the source's path glob.
+    """
+    configure_logging(log_json)
+    cfg = _load(config_path, mode)
+    with progress_display(sys.stderr.isatty() and not log_json) as progress:
+        outcome = run_pipeline(cfg, jobs or None, inputs, out, until=until, progress=progress)
+    log.info(
+        "run finished",
+        extra={"run_dir": str(outcome.run.path), "status": outcome.summary.get("status", {})},
+    )
+    _finish(outcome, as_json)
+
+
+def _stage_command(stage: str) -> None:
+    @main.command(
+        name=stage,
+        help=f"Run the {stage} stage again on RUN_DIR (reads what the previous stage wrote there).",
+    )
+    @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option(
+        "--config",
+        "config_path",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Use this config instead of the one the run started with.",
+    )
+    @click.option(
+        "--mode",
+        type=click.Choice(["simulate", "http", "smtp"]),
+        default=None,
+        help="Delivery mode for this stage.",
+    )
+    @output_options
+    @handle_errors
+    def command(
+        run_dir: str, config_path: str | None, mode: str | None, as_json: bool, log_json: bool
+    ) -> None:
+        configure_logging(log_json)
+        cfg = _load(config_path) if config_path else None
+        run_, cfg = open_run(run_dir, cfg)
+        if mode:
+            cfg = cfg.model_copy(
+                update={"delivery": cfg.delivery.model_copy(update={"mode": mode})}
+            )
+        with progress_display(sys.stderr.isatty() and not log_json) as progress:
+            run_stage(run_, cfg, stage, progress)
+        if stage == "report":
+            _finish(outcome_of(run_), as_json)
+        click.echo(f"{stage}: completed in {run_.path}")
+
+    _ = command
+
+
+for _stage in STAGES:
+    _stage_command(_stage)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary JSON instead.")
+@handle_errors
+def results(run_dir: str, as_json: bool) -> None:
+    """Counts of RUN_DIR's results by job, status and code."""
+    outcome = outcome_of(RunDir(run_dir))
+    if as_json:
+        click.echo(orjson.dumps(outcome.summary, option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo(f"{'job':<24} {'target':<18} {'status':<10} {'code':<40} {'rows':>8}")
+    for job, c in outcome.summary.get("jobs", {}).items():
+        for status, n in sorted(c.get("status", {}).items()):
+            click.echo(f"{job:<24} {c['target']:<18} {status:<10} {'':<40} {n:>8}")
+        for code, n in sorted(c.get("codes", {}).items()):
+            click.echo(f"{job:<24} {c['target']:<18} {'':<10} {code:<40} {n:>8}")
+    sys.exit(outcome.exit_code)
+
+
+@main.group()
+def config() -> None:
+    """Check the configuration."""
+
+
+@config.command("check")
+@config_option
+def config_check(config_path: str) -> None:
+    """Validate the config file (and MAILPIPE_* overrides); one line per problem."""
+    problems = check_config(config_path, os.environ)
+    if problems:
+        for p in problems:
+            click.echo(f"mailpipe: config: {p}", err=True)
+        sys.exit(EXIT_USAGE)
+    cfg = load_config(config_path)
+    click.echo(
+        f"{config_path}: ok ({len(cfg.lists)} lists, {len(cfg.sources)} sources, "
+        f"{len(cfg.jobs)} jobs: {', '.join(cfg.jobs)})"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

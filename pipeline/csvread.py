@@ -1,0 +1,389 @@
+"""CSV → Arrow batches with physical line numbers, rejects instead of failures.
+
+The fast path: :class:`~pipeline.textblocks.BlockScanner` cuts the file into
+blocks of whole records; numpy counts each record's fields and finds the ones
+that are ragged or not UTF-8; those become rejects and the rest go to
+pyarrow's multithreaded parser in one call. When a block's quoting is
+irregular (``5" screen`` in an unquoted field, text after a closing quote),
+the stdlib ``csv`` module reads from that block to the end of the file,
+record by record.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import itertools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from pipeline.errors import InputFileError
+from pipeline.textblocks import Block, BlockScanner, text_chunks
+
+if TYPE_CHECKING:
+    from pipeline.config import SourceConfig
+    from pipeline.extract import FileStats
+
+__all__ = ["read_csv"]
+
+_NL, _CR, _BACKSLASH = 10, 13, 0x5C
+STDLIB_BATCH = 65536
+NOT_UTF8 = "bytes that are not UTF-8{where}; re-save the file as UTF-8 or set the source's encoding"
+
+
+def read_csv(
+    path: str,
+    file_id: int,
+    source: SourceConfig,
+    stats: FileStats,
+    schema: pa.Schema,
+    block_bytes: int,
+    hasher: Any | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Yield batches of ``schema`` (see :mod:`pipeline.extract`) for one CSV file."""
+    from pipeline.extract import PROVENANCE, make_batch, map_columns
+
+    names = schema.names[len(PROVENANCE) :]
+    ctx = _Ctx(source, names, schema, file_id, ncols=0, colmap={})
+    try:
+        scanner = BlockScanner(
+            text_chunks(path, source.encoding, block_bytes, hasher), ord(source.quotechar)
+        )
+        blocks = iter(scanner)
+        first = next(blocks, None)
+    except ValueError as e:
+        raise InputFileError(path, str(e)) from None
+    if first is None or first.starts.size == 0:
+        raise InputFileError(path, "no header line; the first line must name the columns")
+    header_text = first.data[first.starts[0] : first.ends[0]].decode("utf-8", "replace")
+    header = next(
+        csv.reader([header_text], delimiter=source.delimiter, quotechar=source.quotechar), []
+    )
+    if not any(h.strip() for h in header):
+        raise InputFileError(path, "the first line is empty; it must name the columns")
+    stats.columns = header
+    ctx.colmap = map_columns(path, header, source)
+    ctx.ncols = len(header)
+    skip_header = True
+    for block in itertools.chain([first], blocks):
+        starts, ends, lines = block.starts, block.ends, block.lines
+        if skip_header:
+            starts, ends, lines, skip_header = starts[1:], ends[1:], lines[1:], False
+        blank = ends == starts
+        stats.blank_lines += int(np.count_nonzero(blank))
+        if blank.any():
+            starts, ends, lines = starts[~blank], ends[~blank], lines[~blank]
+        if starts.size == 0:
+            continue
+        qpos = np.flatnonzero(block.arr == ctx.quote)
+        if not _quotes_regular(block.arr, qpos, ctx.delim, ctx.quote):
+            rest = itertools.chain([block.data[int(starts[0]) :]], scanner.rest())
+            for batch in _stdlib_batches(rest, int(lines[0]), ctx, stats):
+                yield make_batch(*batch)
+            return
+        fast = _fast_block(block, qpos, starts, ends, lines, ctx)
+        if fast is None:  # pyarrow split records differently: let the stdlib decide
+            rest = itertools.chain([block.data[int(starts[0]) :]], scanner.rest())
+            for batch in _stdlib_batches(rest, int(lines[0]), ctx, stats):
+                yield make_batch(*batch)
+            return
+        yield make_batch(*fast)
+
+
+class _Ctx:
+    def __init__(
+        self,
+        source: SourceConfig,
+        names: list[str],
+        schema: pa.Schema,
+        file_id: int,
+        ncols: int,
+        colmap: dict[str, int],
+    ) -> None:
+        self.source = source
+        self.names = names
+        self.schema = schema
+        self.file_id = file_id
+        self.ncols = ncols
+        self.colmap = colmap
+        self.delim = ord(source.delimiter)
+        self.quote = ord(source.quotechar)
+
+
+_BatchArgs = tuple[pa.Schema, int, np.ndarray, pa.Array, pa.Array, pa.Array, dict[str, pa.Array]]
+
+
+def _fast_block(
+    block: Block,
+    qpos: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    lines: np.ndarray,
+    ctx: _Ctx,
+) -> _BatchArgs | None:
+    arr, data, n = block.arr, block.data, starts.size
+    lo, hi = int(starts[0]), int(ends[-1])
+
+    def rec_of(pos: np.ndarray) -> np.ndarray:
+        pos = pos[(pos >= lo) & (pos < hi)]
+        found: np.ndarray = np.searchsorted(starts, pos, side="right") - 1
+        return found
+
+    def inside_quotes(pos: np.ndarray) -> np.ndarray:
+        inside: np.ndarray = (np.searchsorted(qpos, pos) & 1) == 1
+        return inside
+
+    delims = np.flatnonzero(arr == ctx.delim)
+    fields = np.bincount(rec_of(delims[~inside_quotes(delims)]), minlength=n) + 1
+    reasons: list[str | None] = [None] * n
+    for i in np.flatnonzero(fields != ctx.ncols).tolist():
+        reasons[i] = f"row has {fields[i]} fields, the header has {ctx.ncols}"
+    if block.final and qpos[qpos >= lo].size & 1:
+        reasons[n - 1] = (
+            "unterminated quote: this record runs to the end of the file "
+            f"({int(np.count_nonzero(arr[lo:] == _NL)) + 1} lines from here)"
+        )
+    utf8_ok = _find_undecodable(data, starts, ends, reasons)
+    good = np.fromiter((r is None for r in reasons), dtype=bool, count=n)
+    # records whose values may need JSON escaping: backslash, control characters,
+    # doubled quotes, line breaks inside quotes
+    esc = np.zeros(n, dtype=bool)
+    esc[
+        rec_of(np.flatnonzero(((arr < 0x20) & (arr != _NL) & (arr != _CR)) | (arr == _BACKSLASH)))
+    ] = True
+    esc[rec_of(qpos[:-1][np.diff(qpos) == 1])] = True
+    if qpos.size:
+        breaks = np.flatnonzero((arr == _NL) | (arr == _CR))
+        esc[rec_of(breaks[inside_quotes(breaks)])] = True
+    raw = _raw_array(data, starts, ends, utf8_ok)
+    view = memoryview(data)
+    table: pa.Table | None
+    if good.all():
+        table = _parse_with_arrow(view[lo:], ctx)
+    elif good.any():
+        gi = np.flatnonzero(good)
+        table = _parse_with_arrow(
+            b"\n".join(view[s:e] for s, e in zip(starts[gi].tolist(), ends[gi].tolist())), ctx
+        )
+    else:
+        table = pa.table({f"c{i}": pa.array([], pa.string()) for i in set(ctx.colmap.values())})
+    if table is None or table.num_rows != int(good.sum()):
+        return None
+    values = _scatter(table, good, ctx)
+    return (
+        ctx.schema,
+        ctx.file_id,
+        lines,
+        raw,
+        pa.array(esc),
+        pa.array(reasons, pa.string()),
+        values,
+    )
+
+
+def _find_undecodable(
+    data: bytes, starts: np.ndarray, ends: np.ndarray, reasons: list[str | None]
+) -> bool:
+    """Mark records that are not UTF-8; True when the whole block decodes."""
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            # only a block holding a bad record gets here; find it record by record
+            for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+                try:
+                    data[s:e].decode("utf-8")
+                except UnicodeDecodeError as err:
+                    reasons[i] = NOT_UTF8.format(where=f" at byte {err.start + 1}")
+            return False
+    return True
+
+
+def _quotes_regular(arr: np.ndarray, qpos: np.ndarray, delim: int, quote: int) -> bool:
+    """True when every quote opens a field, closes one, or doubles another.
+
+    Then quote parity decides record and field boundaries exactly as RFC 4180
+    parsing does.
+    """
+    if qpos.size == 0:
+        return True
+    opening, closing = qpos[0::2], qpos[1::2]
+    prev = np.where(opening > 0, arr[np.maximum(opening - 1, 0)], _NL)
+    nxt = np.where(closing + 1 < arr.size, arr[np.minimum(closing + 1, arr.size - 1)], _NL)
+    ok_open = (prev == delim) | (prev == _NL) | (prev == quote)
+    ok_close = (nxt == delim) | (nxt == _NL) | (nxt == _CR) | (nxt == quote)
+    return bool(ok_open.all() and ok_close.all())
+
+
+def _raw_array(data: bytes, starts: np.ndarray, ends: np.ndarray, utf8_ok: bool) -> pa.Array:
+    """Each record's own text, line terminator stripped.
+
+    Records lie back to back in ``data``, so for a valid UTF-8 block the array
+    shares its buffer (record ``i`` spans ``starts[i]:starts[i+1]``) and the
+    terminators (and any blank lines after a record) are trimmed vectorized.
+    """
+    if not utf8_ok:
+        return pa.array(
+            [
+                data[s:e].decode("utf-8", "backslashreplace")
+                for s, e in zip(starts.tolist(), ends.tolist())
+            ],
+            pa.string(),
+        )
+    offsets = np.append(starts, len(data))
+    if len(data) < 2**31:
+        arr = pa.StringArray.from_buffers(
+            starts.size, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)
+        )
+    else:
+        arr = pa.LargeStringArray.from_buffers(
+            starts.size, pa.py_buffer(offsets), pa.py_buffer(data)
+        )
+    return pc.utf8_rtrim(arr, characters="\r\n").cast(pa.string())
+
+
+def _parse_with_arrow(block: bytes | memoryview, ctx: _Ctx) -> pa.Table | None:
+    names = [f"c{i}" for i in range(ctx.ncols)]
+    wanted = sorted(set(ctx.colmap.values()))
+    for block_size in (1 << 20, len(block) + 1):
+        try:
+            return pacsv.read_csv(
+                pa.py_buffer(block),
+                read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=ctx.source.delimiter,
+                    quote_char=ctx.source.quotechar,
+                    double_quote=True,
+                    newlines_in_values=True,
+                    ignore_empty_lines=True,
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={names[i]: pa.string() for i in wanted},
+                    include_columns=[names[i] for i in wanted],
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except pa.ArrowInvalid as e:
+            if "straddl" not in str(e) and "block size" not in str(e):
+                return None
+    return None
+
+
+def _scatter(table: pa.Table, good: np.ndarray, ctx: _Ctx) -> dict[str, pa.Array]:
+    """The parsed columns, spread over all records with nulls where one was rejected."""
+    all_good = bool(good.all())
+    if not all_good:
+        positions = pa.array(np.maximum(np.cumsum(good) - 1, 0))
+        rejected = pa.array(~good)
+    out: dict[str, pa.Array] = {}
+    for name in ctx.names:
+        col = table.column(f"c{ctx.colmap[name]}").combine_chunks()
+        if table.num_rows == 0:
+            col = pa.nulls(good.size, pa.string())
+        elif not all_good:
+            col = pc.if_else(rejected, pa.scalar(None, pa.string()), col.take(positions))
+        out[name] = col
+    return out
+
+
+def _stdlib_batches(
+    chunks: Iterator[bytes], first_line: int, ctx: _Ctx, stats: FileStats
+) -> Iterator[_BatchArgs]:
+    """Record by record with the stdlib parser (strict quoting), for irregular files.
+
+    Rare, and correctness matters more than speed here: each malformed record
+    becomes a reject with its own line, and reading goes on.
+    """
+    consumed: list[str] = []
+
+    def physical_lines() -> Iterator[str]:
+        dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        buf = ""
+        for chunk in chunks:
+            buf += dec.decode(chunk)
+            *complete, buf = buf.split("\n")
+            for line in complete:
+                consumed.append(line + "\n")
+                yield line + "\n"
+        buf += dec.decode(b"", final=True)
+        if buf:
+            consumed.append(buf)
+            yield buf
+
+    reader = csv.reader(
+        physical_lines(),
+        delimiter=ctx.source.delimiter,
+        quotechar=ctx.source.quotechar,
+        strict=True,
+    )
+    rows: list[list[str] | None] = []
+    lines: list[int] = []
+    raws: list[str] = []
+    reasons: list[str | None] = []
+    line_no = first_line
+    while True:
+        try:
+            row: list[str] | None = next(reader)
+            err = None
+        except StopIteration:
+            break
+        except csv.Error as e:
+            row, err = None, str(e)
+        text = "".join(consumed)
+        start_line = line_no
+        line_no += len(consumed)
+        consumed.clear()
+        if err is None and not row:
+            stats.blank_lines += 1
+            continue
+        raw = text.rstrip("\r\n")
+        lines.append(start_line)
+        raws.append(raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+        if err is not None:
+            reasons.append(f"malformed CSV quoting ({err})")
+            row = None
+        elif any("\udc80" <= ch <= "\udcff" for ch in raw):
+            reasons.append(NOT_UTF8.format(where=""))
+            row = None
+        elif row is None or len(row) != ctx.ncols:
+            reasons.append(f"row has {len(row or [])} fields, the header has {ctx.ncols}")
+            row = None
+        else:
+            reasons.append(None)
+        rows.append(row)
+        if len(rows) >= STDLIB_BATCH:
+            yield _stdlib_batch(rows, lines, raws, reasons, ctx)
+            rows, lines, raws, reasons = [], [], [], []
+    if rows:
+        yield _stdlib_batch(rows, lines, raws, reasons, ctx)
+
+
+def _stdlib_batch(
+    rows: list[list[str] | None],
+    lines: list[int],
+    raws: list[str],
+    reasons: list[str | None],
+    ctx: _Ctx,
+) -> _BatchArgs:
+    from pipeline.extract import needs_escape
+
+    values = {
+        name: pa.array([r[ctx.colmap[name]] if r is not None else None for r in rows], pa.string())
+        for name in ctx.names
+    }
+    esc = needs_escape(*values.values())
+    return (
+        ctx.schema,
+        ctx.file_id,
+        np.array(lines, dtype=np.int64),
+        pa.array(raws, pa.string()),
+        esc,
+        pa.array(reasons, pa.string()),
+        values,
+    )

@@ -1,0 +1,429 @@
+"""Extracted rows → clean, typed records, one job at a time, vectorized.
+
+For each job this stage
+
+1. trims every value (an empty cell is a missing value);
+2. groups rows that share the record key and stand next to each other (the
+   line items of one order) into ONE record, taking the first non-empty
+   value of each field; a key that comes back later, in this file or another
+   one of the run, is a duplicate: ``ignored``, pointing at its first row;
+3. validates the record's email (email-validator's verdict; the domain is
+   lower-cased, the whole address for ``yesmail-send``) and coerces profile
+   values to their field type.
+
+Every input row leaves this stage as exactly one output row, in input order,
+with ``_status`` = ``pending`` (it becomes part of recipient ``_rec``),
+``failed`` (``_problem`` says why) or ``ignored``. Only the first row of a
+record (``_primary``) carries its values; the others follow its outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.arrowutil import blank_to_null, scatter, to_bool_np
+from pipeline.config import JobPlan, ProfileField
+from pipeline.emails import check_emails
+from pipeline.keyset import KeyHasher, SeenKeys
+
+__all__ = ["PROBLEMS", "Normalizer", "normalized_schema"]
+
+# why a row could not become (part of) a payload
+PROBLEMS = ("unreadable", "missing_email", "invalid_email", "profile", "duplicate")
+PASSTHROUGH = ("password", "remoteAddress", "userAgent")
+_TRUE = ["true", "yes", "1", "y", "on"]
+_FALSE = ["false", "no", "0", "n", "off"]
+_MAX_CARRY = 1 << 20
+_FILE_SHIFT = 40  # where = file << 40 | line
+
+
+def arrow_type(spec: ProfileField) -> pa.DataType:
+    return {
+        "number": pa.int64(),
+        "boolean": pa.bool_(),
+        "multi-select": pa.list_(pa.string()),
+    }.get(spec.type, pa.string())
+
+
+def normalized_schema(plan: JobPlan) -> pa.Schema:
+    """Columns of the normalize stage's output for one job."""
+    cols = plan.source.columns()
+    fields = [
+        pa.field("_seq", pa.int64()),
+        pa.field("_file", pa.int32()),
+        pa.field("_line", pa.int64()),
+        pa.field("_raw", pa.string()),
+        pa.field("_esc", pa.bool_()),
+        pa.field("record_id", pa.string()),
+        pa.field("email", pa.string()),
+        pa.field("created_at", pa.string()),
+        pa.field("_status", pa.string()),
+        pa.field("_problem", pa.string()),
+        pa.field("_message", pa.string()),
+        pa.field("_field", pa.string()),
+        pa.field("_details", pa.list_(pa.string())),
+        pa.field("_rec", pa.int64()),
+        pa.field("_primary", pa.bool_()),
+        pa.field("_dup_file", pa.int32()),
+        pa.field("_dup_line", pa.int64()),
+    ]
+    fields += [pa.field(f"f:{name}", arrow_type(plan.field_spec(name))) for name in plan.fields]
+    fields += [pa.field(c, pa.string()) for c in cols if c.startswith("flag:")]
+    fields += [pa.field(c, pa.string()) for c in PASSTHROUGH if c in cols]
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """An input file as normalize sees it: its path, and an earlier file with the same bytes."""
+
+    path: str
+    same_as: int | None = None
+
+
+class Normalizer:
+    """Feed extracted batches in order; get normalized batches back, row for row."""
+
+    def __init__(self, plan: JobPlan, inputs: list[InputRef]) -> None:
+        self.plan = plan
+        self.inputs = inputs
+        self.schema = normalized_schema(plan)
+        self.key = plan.source.key_column
+        self._carry: pa.Table | None = None
+        self._seq = 0
+        self._rec = 0
+        self._seen = SeenKeys()
+        self._hasher = KeyHasher()
+
+    @property
+    def recipients(self) -> int:
+        return self._rec
+
+    def feed(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        table = pa.Table.from_batches([batch])
+        if self._carry is not None:
+            table = pa.concat_tables([self._carry, table])
+            self._carry = None
+        cut = self._hold_back_from(table)
+        if cut < table.num_rows:
+            self._carry = table.slice(cut)
+            table = table.slice(0, cut)
+        if table.num_rows:
+            yield self._process(table)
+
+    def finish(self) -> Iterator[pa.RecordBatch]:
+        if self._carry is not None and self._carry.num_rows:
+            table, self._carry = self._carry, None
+            yield self._process(table)
+
+    # -- grouping ----------------------------------------------------------------
+
+    def _hold_back_from(self, table: pa.Table) -> int:
+        """Rows from here on may continue in the next batch (same key): keep them back."""
+        n: int = table.num_rows
+        if self.key is None or n > _MAX_CARRY:
+            return n
+        readable = to_bool_np(pc.is_null(table.column("_reject")))
+        keys = blank_to_null(table.column(self.key).combine_chunks())
+        has_key = readable & to_bool_np(pc.is_valid(keys))
+        rows = np.flatnonzero(readable)
+        if rows.size == 0 or not has_key[rows[-1]]:
+            return n
+        last = keys[int(rows[-1])].as_py()
+        last_file = table.column("_file")[int(rows[-1])].as_py()
+        same = (
+            has_key
+            & to_bool_np(pc.equal(keys, last))
+            & (table.column("_file").to_numpy() == last_file)
+        )
+        # walk back over readable rows while they carry the same key
+        breaks = rows[~same[rows]]
+        start = int(breaks[-1]) + 1 if breaks.size else 0
+        return start if start > 0 or n > _MAX_CARRY // 2 else n
+
+    def _process(self, table: pa.Table) -> pa.RecordBatch:
+        n = table.num_rows
+        readable = to_bool_np(pc.is_null(table.column("_reject")))
+        ri = np.flatnonzero(readable)
+        t = table.take(pa.array(ri)) if ri.size < n else table
+        values = {
+            name: blank_to_null(t.column(name).combine_chunks())
+            for name in t.column_names
+            if not name.startswith("_")
+        }
+        files = t.column("_file").to_numpy()
+        lines = t.column("_line").to_numpy()
+        m = ri.size
+        key = values.get(self.key) if self.key else None
+        start = np.ones(m, dtype=bool)
+        if key is not None and m > 1:
+            same = to_bool_np(pc.equal(key[1:], key[:-1])) & (files[1:] == files[:-1])
+            start[1:] = ~same
+        gs = np.flatnonzero(start)
+        gid = np.cumsum(start) - 1
+        merged = (
+            {name: _first_valid(col, gs) for name, col in values.items()}
+            if gs.size < m
+            else dict(values)
+        )
+        g_files, g_lines = files[gs], lines[gs]
+        g = _Groups(gs.size)
+        self._dedupe(g, merged, key is not None, g_files, g_lines)
+        self._validate(g, merged)
+        # recipients: pending groups, numbered densely in input order
+        pending = g.status == 0
+        g_rec = np.full(gs.size, -1, dtype=np.int64)
+        g_rec[pending] = self._rec + np.arange(int(pending.sum()))
+        self._rec += int(pending.sum())
+        return self._rows(table, readable, ri, gid, gs, g, g_rec, merged, values)
+
+    def _dedupe(
+        self,
+        g: _Groups,
+        merged: dict[str, pa.Array],
+        keyed: bool,
+        g_files: np.ndarray,
+        g_lines: np.ndarray,
+    ) -> None:
+        where = (g_files.astype(np.int64) << _FILE_SHIFT) | g_lines
+        if keyed:
+            keys = merged[self.key] if self.key else None
+            assert keys is not None
+            has = to_bool_np(pc.is_valid(keys))
+            idx = np.flatnonzero(has)
+            if idx.size:
+                h1, h2 = self._hasher(keys.take(pa.array(idx)))
+                first = self._seen.add(h1, h2, where[idx])
+                dup = idx[first >= 0]
+                g.mark_duplicate(dup, first[first >= 0])
+        # rows without a key are told apart by file and line: only a file read twice repeats them
+        for fid in np.unique(g_files).tolist():
+            same_as = self.inputs[fid].same_as
+            if same_as is None:
+                continue
+            rows = np.flatnonzero((g_files == fid) & (g.status == 0))
+            if keyed:
+                rows = rows[~to_bool_np(pc.is_valid(merged[self.key or ""].take(pa.array(rows))))]
+            g.mark_duplicate(rows, (np.int64(same_as) << _FILE_SHIFT) | g_lines[rows])
+
+    def _validate(self, g: _Groups, merged: dict[str, pa.Array]) -> None:
+        verdict = check_emails(merged["email"], lowercase_all=self.plan.target == "yesmail-send")
+        merged["email"] = verdict.email
+        problem = verdict.problem.to_numpy(zero_copy_only=False)
+        open_ = g.status == 0
+        for kind, code in (("missing_email", "MISSING_EMAIL"), ("invalid_email", "INVALID_EMAIL")):
+            rows = np.flatnonzero(open_ & (problem == code))
+            g.fail(rows, kind, verdict.message.take(pa.array(rows)).to_pylist(), field="email")
+        messages: list[pa.Array] = []
+        for name in self.plan.fields:
+            typed, msg = coerce(name, self.plan.field_spec(name), merged[f"f:{name}"])
+            merged[f"f:{name}"] = typed
+            messages.append(msg)
+        if messages:
+            g.fail_profile(messages, self.plan.fields)
+
+    # -- output ---------------------------------------------------------------------
+
+    def _rows(
+        self,
+        table: pa.Table,
+        readable: np.ndarray,
+        ri: np.ndarray,
+        gid: np.ndarray,
+        gs: np.ndarray,
+        g: _Groups,
+        g_rec: np.ndarray,
+        merged: dict[str, pa.Array],
+        values: dict[str, pa.Array],
+    ) -> pa.RecordBatch:
+        n = table.num_rows
+        row_g = np.full(n, -1, dtype=np.int64)
+        row_g[ri] = gid
+        is_primary = np.zeros(n, dtype=bool)
+        is_primary[ri[gs]] = True
+        prim_g = np.where(is_primary, row_g, -1)
+        status = np.where(row_g >= 0, g.status[np.maximum(row_g, 0)], 1)
+        status_names = pa.array(["pending", "failed", "ignored"])
+        reject = table.column("_reject").combine_chunks()
+        g_problem = pa.array(g.problem, pa.string())
+        problem = pc.if_else(pa.array(readable), scatter(g_problem, row_g), "unreadable")
+        message = pc.coalesce(reject, scatter(pa.array(g.message, pa.string()), row_g))
+        failed = status == 1
+        raw = table.column("_raw").combine_chunks()
+        raw = pc.if_else(
+            pa.array(failed), _raw_or_json(raw, table, failed), pa.scalar(None, pa.string())
+        )
+        dup = np.where(row_g >= 0, g.dup_where[np.maximum(row_g, 0)], -1)
+        row_index = np.where(readable, np.cumsum(readable) - 1, -1)
+        row_vals = {
+            name: scatter(values[name], row_index)
+            for name in ("record_id", "created_at")
+            if name in values
+        }
+        cols: dict[str, pa.Array] = {
+            "_seq": pa.array(np.arange(self._seq, self._seq + n, dtype=np.int64)),
+            "_file": table.column("_file").combine_chunks(),
+            "_line": table.column("_line").combine_chunks(),
+            "_raw": raw,
+            "_esc": table.column("_esc").combine_chunks(),
+            "record_id": row_vals.get("record_id", pa.nulls(n, pa.string())),
+            "email": scatter(merged["email"], row_g),
+            "created_at": row_vals.get("created_at", pa.nulls(n, pa.string())),
+            "_status": status_names.take(pa.array(status.astype(np.int64))),
+            "_problem": pc.if_else(pa.array(status == 0), pa.scalar(None, pa.string()), problem),
+            "_message": message,
+            "_field": scatter(pa.array(g.field, pa.string()), row_g),
+            "_details": scatter(pa.array(g.details, pa.list_(pa.string())), row_g),
+            "_rec": pa.array(np.where(row_g >= 0, g_rec[np.maximum(row_g, 0)], -1)),
+            "_primary": pa.array(is_primary),
+            "_dup_file": pa.array(
+                np.where(dup >= 0, dup >> _FILE_SHIFT, 0).astype(np.int32), mask=dup < 0
+            ),
+            "_dup_line": pa.array(
+                np.where(dup >= 0, dup & ((1 << _FILE_SHIFT) - 1), 0), mask=dup < 0
+            ),
+        }
+        for f in self.schema.names[len(cols) :]:
+            src = (
+                merged[f]
+                if f.startswith("f:") or f.startswith("flag:") or f in PASSTHROUGH
+                else None
+            )
+            cols[f] = (
+                scatter(src, prim_g) if src is not None else pa.nulls(n, self.schema.field(f).type)
+            )
+        self._seq += n
+        return pa.RecordBatch.from_arrays(
+            [cols[f].cast(self.schema.field(f).type) for f in self.schema.names], schema=self.schema
+        )
+
+
+class _Groups:
+    """Per-record outcome while a batch is normalized (0 pending, 1 failed, 2 ignored)."""
+
+    def __init__(self, n: int) -> None:
+        self.status = np.zeros(n, dtype=np.int8)
+        self.problem: list[str | None] = [None] * n
+        self.message: list[str | None] = [None] * n
+        self.field: list[str | None] = [None] * n
+        self.details: list[list[str] | None] = [None] * n
+        self.dup_where = np.full(n, -1, dtype=np.int64)
+
+    def mark_duplicate(self, rows: np.ndarray, where: np.ndarray) -> None:
+        for i, w in zip(rows.tolist(), where.tolist()):
+            self.status[i] = 2
+            self.problem[i] = "duplicate"
+            self.dup_where[i] = w
+
+    def fail(self, rows: np.ndarray, kind: str, messages: list[str | None], field: str) -> None:
+        for i, msg in zip(rows.tolist(), messages):
+            if self.status[i] == 0:
+                self.status[i] = 1
+                self.problem[i], self.message[i], self.field[i] = kind, msg, field
+
+    def fail_profile(self, messages: list[pa.Array], names: tuple[str, ...]) -> None:
+        bad = np.zeros(len(self.status), dtype=bool)
+        for m in messages:
+            bad |= to_bool_np(pc.is_valid(m))
+        rows = np.flatnonzero(bad & (self.status == 0))
+        if rows.size == 0:
+            return
+        sel = pa.array(rows)
+        per_field = [m.take(sel).to_pylist() for m in messages]
+        for k, i in enumerate(rows.tolist()):
+            details = [col[k] for col in per_field if col[k] is not None]
+            first = next(name for name, col in zip(names, per_field) if col[k] is not None)
+            self.status[i] = 1
+            self.problem[i], self.field[i] = "profile", first
+            self.message[i], self.details[i] = "; ".join(details), details
+
+
+def _first_valid(col: pa.Array, starts: np.ndarray) -> pa.Array:
+    """Per group (rows ``starts[i]`` up to the next start): its first non-null value."""
+    n = len(col)
+    valid = to_bool_np(pc.is_valid(col))
+    pos = np.where(valid, np.arange(n), n)
+    first = np.minimum.reduceat(pos, starts)
+    return scatter(col, np.where(first < n, first, -1))
+
+
+def _raw_or_json(raw: pa.Array, table: pa.Table, failed: np.ndarray) -> pa.Array:
+    """The raw text of failed rows; for Parquet (no text) the row's values as JSON."""
+    missing = np.flatnonzero(failed & ~to_bool_np(pc.is_valid(raw)))
+    if missing.size == 0:
+        return raw
+    names = [c for c in table.column_names if not c.startswith("_")]
+    rows = table.select(names).take(pa.array(missing)).to_pylist()
+    text = [orjson.dumps(r).decode() for r in rows]
+    mask = np.zeros(len(raw), dtype=bool)
+    mask[missing] = True
+    return pc.replace_with_mask(raw, pa.array(mask), pa.array(text, pa.string()))
+
+
+# -- profile values ----------------------------------------------------------------
+
+
+def coerce(name: str, spec: ProfileField, col: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Strings → the field's type. Returns (typed values, per-row problem or null)."""
+    if spec.type == "text":
+        return col, pa.nulls(len(col), pa.string())
+    if spec.type == "number":
+        ok = pc.match_substring_regex(col, r"^[+-]?[0-9]{1,18}$")
+        typed = pc.cast(pc.if_else(ok, col, pa.scalar(None, pa.string())), pa.int64())
+        return typed, _problem(name, col, ok, "is not a whole number")
+    if spec.type == "boolean":
+        low = pc.utf8_lower(col)
+        is_true, is_false = pc.is_in(low, pa.array(_TRUE)), pc.is_in(low, pa.array(_FALSE))
+        typed = pc.if_else(is_true, True, pc.if_else(is_false, False, pa.scalar(None, pa.bool_())))
+        return typed, _problem(
+            name, col, pc.or_(is_true, is_false), "is not a boolean (true/false, yes/no, 1/0)"
+        )
+    if spec.type == "single-select":
+        ok = pc.is_in(col, pa.array(list(spec.lookup)))
+        return col, _problem(name, col, ok, f"is not one of {', '.join(spec.lookup)}")
+    return _multi_select(name, spec, col)
+
+
+def _problem(name: str, col: pa.Array, ok: pa.Array, what: str) -> pa.Array:
+    bad = pc.and_(pc.is_valid(col), pc.invert(pc.fill_null(ok, False)))
+    shown = pc.utf8_slice_codeunits(col, 0, 60)
+    text = pc.binary_join_element_wise(f"{name}: '", shown, f"' {what}", "")
+    return pc.if_else(bad, text, pa.scalar(None, pa.string()))
+
+
+def _multi_select(name: str, spec: ProfileField, col: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """A JSON array or ``A|B|C`` → list of lookup values (per row: a rare field type)."""
+    allowed = set(spec.lookup)
+    values: list[list[str] | None] = []
+    problems: list[str | None] = []
+    for v in col.to_pylist():
+        if v is None:
+            values.append(None)
+            problems.append(None)
+            continue
+        items: object
+        if v.startswith("["):
+            try:
+                items = orjson.loads(v)
+            except orjson.JSONDecodeError:
+                items = None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                values.append(None)
+                problems.append(f"{name}: '{v[:60]}' is not a JSON array of strings")
+                continue
+        else:
+            items = [i.strip() for i in v.split("|") if i.strip()]
+        unknown = [i for i in items if i not in allowed]
+        values.append(None if unknown else items)
+        problems.append(
+            f"{name}: {', '.join(repr(u) for u in unknown)} not among {', '.join(spec.lookup)}"
+            if unknown
+            else None
+        )
+    return pa.array(values, pa.list_(pa.string())), pa.array(problems, pa.string())

@@ -1,0 +1,97 @@
+"""What every payload builder offers, and the pieces they share."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import quote
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import JobPlan
+from pipeline.payloads.jsonfrag import literal, member
+
+__all__ = ["REDACTED", "Builder", "encoded_bytes", "url_quote"]
+
+REDACTED = "***"
+_UNRESERVED = "[^A-Za-z0-9_.~-]"
+
+
+def url_quote(text: str) -> str:
+    """Percent-encode a query value as the seeds do: ``{"email":…}`` → ``%7B%22email%22…``."""
+    return quote(text, safe="")
+
+
+def encoded_bytes(json_text: pa.Array) -> np.ndarray:
+    """Bytes each value takes once percent-encoded (unreserved bytes stay, others ×3)."""
+    total = pc.binary_length(json_text).to_numpy(zero_copy_only=False)
+    plain = pc.binary_length(pc.replace_substring_regex(json_text, _UNRESERVED, "")).to_numpy(
+        zero_copy_only=False
+    )
+    return np.asarray(plain + 3 * (total - plain), dtype=np.int64)
+
+
+class Builder:
+    """Base of the three builders.
+
+    ``items`` renders one JSON object per record (what is really sent),
+    ``redacted`` the same with secrets replaced by ``***`` (what the request
+    files keep), ``costs``/``budget`` bound a batch by URL length where the
+    target sends by GET, and ``envelope`` wraps a batch's items into the
+    request file.
+    """
+
+    target = ""
+    list_open = "["
+
+    def __init__(self, plan: JobPlan) -> None:
+        self.plan = plan
+        self.batch_size = plan.job.batch_size
+
+    def items(self, rows: pa.Table) -> pa.Array:
+        raise NotImplementedError
+
+    def redacted(self, items: pa.Array) -> pa.Array:
+        return items
+
+    def costs(self, items: pa.Array) -> np.ndarray | None:
+        return None
+
+    def budget(self) -> int | None:
+        return None
+
+    def envelope(self, batch_id: str) -> tuple[bytes, bytes]:
+        """Bytes before and after the comma-joined items of one batch."""
+        raise NotImplementedError
+
+    # shared pieces
+
+    def _head(self, batch_id: str, method: str, url: str | None) -> dict[str, object]:
+        return {
+            "batch": batch_id,
+            "job": self.plan.name,
+            "target": self.target,
+            "method": method,
+            "url": url,
+        }
+
+    @staticmethod
+    def _open(head: dict[str, object], key: str) -> bytes:
+        """``{"batch":…,…,"key":[`` — the head of an envelope whose last member is a list."""
+        return orjson.dumps(head)[:-1] + b"," + orjson.dumps(key) + b":["
+
+    def profile_members(self, rows: pa.Table, esc: np.ndarray | None) -> list[pa.Array]:
+        """``"FIELD":value`` for each profile field the job sends."""
+        return [
+            member(
+                name,
+                literal(rows.column(f"f:{name}").combine_chunks(), self.plan.field_spec(name), esc),
+            )
+            for name in self.plan.fields
+        ]
+
+
+def secret_from_env(name: str | None) -> str | None:
+    return os.environ.get(name) if name else None

@@ -1,0 +1,403 @@
+"""The report stage: one result line per input row, in the platform's own vocabulary.
+
+It reads, per job, the normalize stage's rows and, by recipient, the build
+stage's batch and the deliver stage's outcome, and writes
+
+* ``results.jsonl`` / ``results.parquet`` — every row, input order;
+* ``rejects.jsonl`` — the rows that could not become a payload;
+* ``async-results.json`` — totals and per-index lists, Yesmail's shape;
+* ``summary.json`` — counts by job, target, status and result code.
+
+A row that never reached the platform still gets the answer the platform
+would give for it: Maestro's ``INVALID_EMAIL`` for a bad address, a subscribe
+``FAILED``/``PARAMETER_VALIDATION_ERROR``, Yesmail's ``400`` — the closest
+documented code, with the detail in ``message``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.arrowutil import scatter, to_bool_np
+from pipeline.build import join_items
+from pipeline.config import JobPlan
+from pipeline.deliver import OUTCOME_SCHEMA
+from pipeline.errors import MaestroResult, SubscribeFailure, YesmailStatus
+from pipeline.payloads.jsonfrag import string_literal
+from pipeline.rundir import RunDir, now_iso
+
+__all__ = ["RESULT_SCHEMA", "ReportWriter", "problem_outcome"]
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("index", pa.int64()),
+        pa.field("source", pa.string()),
+        pa.field("line", pa.int64()),
+        pa.field("record_id", pa.string()),
+        pa.field("job", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("email", pa.string()),
+        pa.field("batch", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("result", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("ticket", pa.string()),
+        pa.field("state", pa.string()),
+        pa.field("http_status", pa.int32()),
+        pa.field("time", pa.string()),
+    ]
+)
+# results.jsonl writes these as JSON values already rendered (reason is an object)
+_RAW_JSON = {"reason"}
+_STRINGS = [f.name for f in RESULT_SCHEMA if f.type == pa.string() and f.name not in _RAW_JSON]
+
+_PROBLEM_TEXT = {
+    "unreadable": "the row could not be read",
+    "missing_email": MaestroResult.MISSING_EMAIL.error,
+    "invalid_email": MaestroResult.INVALID_EMAIL.error,
+}
+_ONDEMAND = {
+    "unreadable": MaestroResult.PARSE_ERROR,
+    "missing_email": MaestroResult.MISSING_EMAIL,
+    "invalid_email": MaestroResult.INVALID_EMAIL,
+    "profile": MaestroResult.PROFILE_VALIDATION_ERROR,
+}
+
+
+def problem_outcome(
+    target: str, problem: str, message: str | None, details: list[str] | None
+) -> dict[str, Any]:
+    """The platform's answer for a row that failed before it could be sent.
+
+    >>> problem_outcome("maestro-ondemand", "invalid_email", "no @", None)["result"]
+    'INVALID_EMAIL'
+    """
+    if target == "maestro-ondemand":
+        code = _ONDEMAND[problem]
+        return {"result": code.value, "error": code.error, "message": message}
+    if target == "maestro-subscribe":
+        if problem == "profile":
+            body = SubscribeFailure.PROFILE_VALIDATION_ERROR.response(
+                "Profile validation error", details or ([message] if message else None)
+            )
+        else:
+            text = _PROBLEM_TEXT[problem] + (f": {message}" if message else "")
+            body = SubscribeFailure.PARAMETER_VALIDATION_ERROR.response(text)
+        return {"result": body["result"], "reason": orjson.dumps(body["reason"]).decode()}
+    what = {
+        "unreadable": "the row could not be read",
+        "missing_email": "missing email address",
+        "invalid_email": "invalid email address",
+        "profile": "invalid profile attribute",
+    }[problem]
+    return {
+        "http_status": int(YesmailStatus.BAD_REQUEST),
+        "message": f"Bad Request: {what}" + (f" ({message})" if message else ""),
+    }
+
+
+class _ByRec:
+    """Stream of rows keyed by a dense, increasing ``_rec``; look up any rec not yet passed."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> None:
+        self._batches = batches
+        self._table = schema.empty_table()
+        self._base = 0
+
+    def take(self, recs: np.ndarray) -> pa.Table:
+        """Rows for ``recs`` (all >= every rec asked for before; -1 gives nulls)."""
+        wanted = recs[recs >= 0]
+        if wanted.size:
+            need = int(wanted.max())
+            while self._base + self._table.num_rows <= need:
+                nxt = next(self._batches, None)
+                if nxt is None:
+                    raise ValueError(f"recipient {need} has no entry in the stage file")
+                self._table = pa.concat_tables([self._table, pa.Table.from_batches([nxt])])
+            low = int(wanted.min()) - self._base
+            if low > 0:
+                self._table = self._table.slice(low)
+                self._base += low
+        idx = np.where(recs >= 0, recs - self._base, -1)
+        return pa.table(
+            {
+                name: scatter(self._table.column(name).combine_chunks(), idx)
+                for name in self._table.column_names
+            }
+        )
+
+
+class ReportWriter:
+    """Writes the report files for the jobs of a run, job after job."""
+
+    def __init__(self, run: RunDir, paths: list[str]) -> None:
+        self.run = run
+        self.paths_json = pa.array([orjson.dumps(p).decode() for p in paths], pa.string())
+        self.paths = pa.array(paths, pa.string())
+        self.index = 0
+        self.summary: dict[str, Any] = {}
+        self.status_counts: Counter[str] = Counter()
+        self.finished = now_iso()
+        self._tmp = tempfile.TemporaryDirectory(dir=run.path, prefix=".report-")
+        self._lists = {
+            s: open(os.path.join(self._tmp.name, s), "wb")  # noqa: SIM115
+            for s in ("completed", "failed", "ignored")
+        }
+        self._results = open(os.path.join(self._tmp.name, "results.jsonl"), "wb")  # noqa: SIM115
+        self._rejects = open(os.path.join(self._tmp.name, "rejects.jsonl"), "wb")  # noqa: SIM115
+        self._parquet = pq.ParquetWriter(
+            os.path.join(self._tmp.name, "results.parquet"), RESULT_SCHEMA, compression="zstd"
+        )
+
+    def add_job(self, plan: JobPlan) -> dict[str, Any]:
+        """Append one job's rows; return its counts."""
+        builds = _ByRec(
+            iter(self.run.stage_reader("build", plan.name)),
+            self.run.stage_reader("build", plan.name).schema,
+        )
+        outcomes = _ByRec(iter(self.run.stage_reader("deliver", plan.name)), OUTCOME_SCHEMA)
+        counts: dict[str, Any] = {
+            "target": plan.target,
+            "rows": 0,
+            "status": Counter(),
+            "codes": Counter(),
+        }
+        for rows in self.run.stage_reader("normalize", plan.name):
+            table = self._chunk(plan, rows, builds, outcomes)
+            self._write(table)
+            self._count(plan, table, counts)
+            self._write_rejects(plan, rows, table)
+        counts["status"] = dict(counts["status"])
+        counts["codes"] = dict(counts["codes"])
+        self.summary[plan.name] = counts
+        return counts
+
+    def _chunk(
+        self, plan: JobPlan, rows: pa.RecordBatch, builds: _ByRec, outcomes: _ByRec
+    ) -> pa.Table:
+        n = rows.num_rows
+        recs = rows.column("_rec").to_numpy()
+        b = builds.take(recs)
+        o = outcomes.take(recs)
+        pending = to_bool_np(pc.equal(rows.column("_status"), "pending"))
+        batch_no = b.column("_batch").combine_chunks()
+        batch = pc.if_else(
+            pc.is_valid(batch_no),
+            pc.binary_join_element_wise(
+                f"{plan.target}-", pc.utf8_lpad(pc.cast(batch_no, pa.string()), 4, "0"), ""
+            ),
+            pa.scalar(None, pa.string()),
+        )
+        cols: dict[str, pa.Array] = {
+            "index": pa.array(np.arange(self.index, self.index + n, dtype=np.int64)),
+            "source": self.paths.take(rows.column("_file")),
+            "line": rows.column("_line"),
+            "record_id": rows.column("record_id"),
+            "job": pa.array(np.full(n, plan.name, dtype=object), pa.string()),
+            "target": pa.array(np.full(n, plan.target, dtype=object), pa.string()),
+            "email": rows.column("email"),
+            "batch": batch,
+        }
+        p = pa.array(pending)
+        for name in (
+            "status",
+            "result",
+            "error",
+            "message",
+            "reason",
+            "ticket",
+            "state",
+            "http_status",
+            "time",
+        ):
+            own = (
+                rows.column("_status")
+                if name == "status"
+                else pa.nulls(n, OUTCOME_SCHEMA.field(name).type)
+            )
+            cols[name] = pc.if_else(p, o.column(name).combine_chunks(), own)
+        cols["time"] = pc.coalesce(cols["time"], self.finished)
+        self.index += n
+        table = pa.table(cols, schema=RESULT_SCHEMA)
+        return self._explain(plan, rows, table, ~pending)
+
+    def _explain(
+        self, plan: JobPlan, rows: pa.RecordBatch, table: pa.Table, mask: np.ndarray
+    ) -> pa.Table:
+        """Fill in the platform's answer for rows that failed or were skipped before sending."""
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            return table
+        sel = pa.array(idx)
+        problems = rows.column("_problem").take(sel).to_pylist()
+        messages = rows.column("_message").take(sel).to_pylist()
+        details = rows.column("_details").take(sel).to_pylist()
+        dup_file = rows.column("_dup_file").take(sel).to_pylist()
+        dup_line = rows.column("_dup_line").take(sel).to_pylist()
+        rid = rows.column("record_id").take(sel).to_pylist()
+        filled: dict[str, list[Any]] = {
+            k: [None] * idx.size for k in ("result", "error", "message", "reason", "http_status")
+        }
+        for k, problem in enumerate(problems):
+            if problem == "duplicate":
+                where = f"{self.paths[dup_file[k]].as_py()} line {dup_line[k]}"
+                what = f"record key {rid[k]!r}" if rid[k] else "the same file"
+                filled["message"][k] = f"duplicate: {what} already appeared in this run at {where}"
+                continue
+            for key, value in problem_outcome(
+                plan.target, problem or "unreadable", messages[k], details[k]
+            ).items():
+                filled[key][k] = value
+        m = np.zeros(table.num_rows, dtype=bool)
+        m[idx] = True
+        mask_arr = pa.array(m)
+        for key, values in filled.items():
+            col = table.column(key).combine_chunks()
+            typ = RESULT_SCHEMA.field(key).type
+            table = table.set_column(
+                table.schema.get_field_index(key),
+                key,
+                pc.replace_with_mask(col, mask_arr, pa.array(values, typ)),
+            )
+        return table
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _write(self, table: pa.Table) -> None:
+        self._parquet.write_table(table)
+        self._results.write(jsonl_lines(table))
+        status = table.column("status").combine_chunks()
+        times = table.column("time").combine_chunks()
+        for name, fh in self._lists.items():
+            sel = pc.equal(status, name)
+            if not pc.any(sel).as_py():
+                continue
+            entries = pc.binary_join_element_wise(
+                '{"index":',
+                pc.cast(table.column("index").filter(sel), pa.string()),
+                ',"time":"',
+                times.filter(sel),
+                '"}',
+                "",
+            )
+            fh.write(join_items(entries) + b",")
+
+    def _write_rejects(self, plan: JobPlan, rows: pa.RecordBatch, table: pa.Table) -> None:
+        problem = rows.column("_problem")
+        sel = pc.and_(pc.equal(rows.column("_status"), "failed"), pc.is_valid(problem))
+        if not pc.any(sel).as_py():
+            return
+        picked = rows.filter(sel)
+        res = table.filter(sel)
+        for i, r in enumerate(
+            picked.select(["_file", "_line", "_raw", "_field", "_problem", "_message"]).to_pylist()
+        ):
+            code = res.column("result")[i].as_py() or res.column("http_status")[i].as_py()
+            reason_obj = res.column("reason")[i].as_py()
+            if reason_obj:
+                code = orjson.loads(reason_obj)["type"]
+            line = {
+                "index": res.column("index")[i].as_py(),
+                "job": plan.name,
+                "source": self.paths[r["_file"]].as_py(),
+                "line": r["_line"],
+                "raw": (r["_raw"] or "").rstrip("\r\n"),
+                "field": r["_field"],
+                "reason": r["_message"] or _PROBLEM_TEXT.get(r["_problem"], r["_problem"]),
+                "code": str(code) if code is not None else None,
+            }
+            self._rejects.write(orjson.dumps(line) + b"\n")
+
+    def _count(self, plan: JobPlan, table: pa.Table, counts: dict[str, Any]) -> None:
+        counts["rows"] += table.num_rows
+        vc = (
+            table.group_by(["status", "result", "http_status", "reason"])
+            .aggregate([("index", "count")])
+            .to_pylist()
+        )
+        for row in vc:
+            counts["status"][row["status"]] += row["index_count"]
+            self.status_counts[row["status"]] += row["index_count"]
+            code = row["result"]
+            if row["reason"]:
+                code = orjson.loads(row["reason"])["type"]
+            elif row["http_status"] is not None:
+                code = str(row["http_status"])
+            if code and row["status"] != "ignored":
+                counts["codes"][code] += row["index_count"]
+
+    def close(self) -> dict[str, Any]:
+        """Move the finished files into the run directory; return the totals."""
+        self._parquet.close()
+        self._results.close()
+        self._rejects.close()
+        for fh in self._lists.values():
+            fh.close()
+        total = self.index
+        done = self.status_counts
+        run = self.run
+        for name in ("results.jsonl", "rejects.jsonl", "results.parquet"):
+            src = os.path.join(self._tmp.name, name)
+            os.chmod(src, 0o600)
+            os.replace(src, run.file(name))
+        counts = {
+            "requested": total,
+            "total": total,
+            "completed": done["completed"],
+            "ignored": done["ignored"],
+            "failed": done["failed"],
+        }
+        with run.open_private("async-results.json") as fh:
+            fh.write(
+                b'{"id":'
+                + orjson.dumps(run.run_id)
+                + b',"lastUpdated":'
+                + orjson.dumps(self.finished)
+                + b',"counts":'
+                + orjson.dumps(counts)
+            )
+            for name in ("completed", "failed", "ignored"):
+                fh.write(b',"' + name.encode() + b'":[')
+                with open(os.path.join(self._tmp.name, name), "rb") as part:
+                    data = part.read()
+                fh.write(data[:-1] if data.endswith(b",") else data)
+                fh.write(b"]")
+            fh.write(b"}\n")
+        self._tmp.cleanup()
+        summary = {"run_id": run.run_id, "rows": total, "status": dict(done), "jobs": self.summary}
+        run.write_json("summary.json", summary, private=False)
+        return summary
+
+
+def jsonl_lines(table: pa.Table) -> bytes:
+    """Every row of a results table as one JSON line, rendered column-wise."""
+    n = table.num_rows
+    parts: list[pa.Array | str] = []
+    for i, f in enumerate(RESULT_SCHEMA):
+        col = table.column(f.name).combine_chunks()
+        if f.name in _RAW_JSON:
+            value = col
+        elif f.type == pa.string():
+            value = string_literal(col, None)
+        else:
+            value = pc.cast(col, pa.string())
+        value = pc.coalesce(value, "null")
+        parts.append(("{" if i == 0 else ",") + orjson.dumps(f.name).decode() + ":")
+        parts.append(value)
+    parts.append("}\n")
+    line = pc.binary_join_element_wise(*parts, "")
+    offsets = np.frombuffer(line.buffers()[1], dtype=np.int32)
+    lo, hi = int(offsets[line.offset]), int(offsets[line.offset + n])
+    return memoryview(line.buffers()[2])[lo:hi].tobytes() if n else b""

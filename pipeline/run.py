@@ -1,0 +1,322 @@
+"""The stage runner: extract → normalize → build → deliver → report, over a run directory.
+
+Each stage is a function of a :class:`~pipeline.rundir.RunDir`: it reads what
+the previous stage wrote there and records its own state and timing in the
+manifest, so any stage can be run again on its own. :func:`run_pipeline`
+creates a run directory and chains them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline import __version__
+from pipeline.build import BatchCounter, build_job
+from pipeline.config import MailpipeConfig, parse_config
+from pipeline.errors import ConfigError, InputFileError, RunDirError
+from pipeline.extract import FileStats, expand_inputs, extract_file, extracted_schema
+from pipeline.normalize import InputRef, Normalizer
+from pipeline.results import ReportWriter
+from pipeline.rundir import STAGES, RunDir, now_iso
+
+__all__ = ["Progress", "RunOutcome", "open_run", "run_pipeline", "run_stage", "start_run"]
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class RunOutcome:
+    """What a run (or a stage) ended with; the CLI maps it to an exit code."""
+
+    run: RunDir
+    summary: dict[str, Any]
+
+    @property
+    def failed_rows(self) -> int:
+        return int(self.summary.get("status", {}).get("failed", 0))
+
+    @property
+    def failed_files(self) -> list[str]:
+        return [i["path"] for i in self.summary.get("inputs", []) if i.get("error")]
+
+    @property
+    def exit_code(self) -> int:
+        """0: every row completed or ignored; 1: some row failed or a file could not be read."""
+        return 1 if self.failed_rows or self.failed_files else 0
+
+
+def _noop(stage: str, rows: int) -> None:
+    return None
+
+
+# -- starting a run -------------------------------------------------------------
+
+
+def start_run(
+    cfg: MailpipeConfig,
+    jobs: Sequence[str] | None = None,
+    inputs: Sequence[str] = (),
+    out: str | None = None,
+    run_id: str | None = None,
+) -> RunDir:
+    """Create the run directory: the config it runs with, its jobs and input files."""
+    names = list(jobs) if jobs else [n for n, j in cfg.jobs.items() if j.enabled]
+    for name in names:
+        if name not in cfg.jobs:
+            raise ConfigError("--job", f"no job {name!r}; choose from {', '.join(cfg.jobs)}")
+    if not names:
+        raise ConfigError("jobs", "no enabled job to run; pass --job NAME or set enabled = true")
+    sources = list(dict.fromkeys(cfg.jobs[n].source for n in names))
+    files = _assign_inputs(cfg, sources, list(inputs))
+    run = RunDir.create(out or cfg.run.out, run_id)
+    run.write_json(
+        "stages/config.json", cfg.model_dump(mode="json", exclude={"path"}), private=False
+    )
+    entries: list[dict[str, Any]] = []
+    for src in sources:
+        for path in files[src]:
+            entries.append({"id": len(entries), "source": src, "path": path})
+    run.write_manifest(
+        {
+            "run_id": run.run_id,
+            "mailpipe": __version__,
+            "created": now_iso(),
+            "config": {"path": cfg.path, "digest": cfg.digest()},
+            "mode": cfg.delivery.mode,
+            "jobs": names,
+            "inputs": entries,
+            "stages": {s: {"state": "pending"} for s in STAGES},
+            "counts": {},
+        }
+    )
+    return run
+
+
+def _assign_inputs(
+    cfg: MailpipeConfig, sources: list[str], inputs: list[str]
+) -> dict[str, list[str]]:
+    """Files per source: the glob, or the files given on the command line."""
+    if not inputs:
+        return {s: expand_inputs(cfg.sources[s].path) for s in sources}
+    if len(sources) == 1:
+        return {sources[0]: inputs}
+    out: dict[str, list[str]] = {s: [] for s in sources}
+    for path in inputs:
+        hits = [
+            s
+            for s in sources
+            if fnmatch.fnmatch(os.path.basename(path), os.path.basename(cfg.sources[s].path))
+        ]
+        if len(hits) != 1:
+            raise ConfigError(
+                "INPUT",
+                f"cannot tell which source {path!r} feeds "
+                f"({', '.join(sources)}); pass --job to pick the jobs of one source",
+            )
+        out[hits[0]].append(path)
+    return out
+
+
+def open_run(
+    path: str | os.PathLike[str],
+    cfg: MailpipeConfig | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[RunDir, MailpipeConfig]:
+    """Reopen a run directory with the config it was started with (or ``cfg``)."""
+    run = RunDir(path)
+    run.manifest()
+    if cfg is None:
+        snap = orjson.loads(run.file("stages/config.json").read_bytes())
+        cfg = parse_config(
+            snap, env=env or dict(os.environ), path=str(run.file("stages/config.json"))
+        )
+    return run, cfg
+
+
+# -- stages --------------------------------------------------------------------------
+
+
+def run_stage(run: RunDir, cfg: MailpipeConfig, stage: str, progress: Progress = _noop) -> Any:
+    """Run one stage on a run directory, recording its state and timing."""
+    fn = _STAGE_FUNCS[stage]
+    if stage != "extract":
+        run.require(STAGES[STAGES.index(stage) - 1])
+    manifest = run.manifest()
+    manifest["stages"][stage] = {"state": "running", "started": now_iso()}
+    run.write_manifest(manifest)
+    t0 = time.perf_counter()
+    try:
+        result = fn(run, cfg, progress)
+    except BaseException as e:
+        manifest = run.manifest()
+        manifest["stages"][stage].update(state="failed", error=str(e)[:500])
+        run.write_manifest(manifest)
+        raise
+    manifest = run.manifest()
+    manifest["stages"][stage].update(
+        state="completed", finished=now_iso(), seconds=round(time.perf_counter() - t0, 3)
+    )
+    for later in STAGES[STAGES.index(stage) + 1 :]:
+        manifest["stages"][later] = {"state": "pending"}
+    run.write_manifest(manifest)
+    return result
+
+
+def _extract(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
+    manifest = run.manifest()
+    inputs = manifest["inputs"]
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for entry in inputs:
+        by_source.setdefault(entry["source"], []).append(entry)
+    sources = list(dict.fromkeys(cfg.jobs[j].source for j in manifest["jobs"]))
+    for src in sources:
+        source = cfg.sources[src]
+        schema = extracted_schema(source)
+        with run.stage_writer("extract", src, schema) as out:
+            for entry in by_source.get(src, []):
+                stats = FileStats(entry["path"])
+                try:
+                    for batch in extract_file(entry["path"], entry["id"], source, stats):
+                        out.write_batch(batch)
+                        progress("extract", batch.num_rows)
+                except InputFileError as e:
+                    stats.error = e.message
+                except (OSError, ValueError) as e:  # a file that breaks mid-way
+                    stats.error = f"{entry['path']}: could not be read to the end ({e})"
+                entry.update(
+                    format=stats.format,
+                    sha256=stats.sha256,
+                    bytes=stats.bytes,
+                    rows=stats.rows,
+                    rejects=stats.rejects,
+                    blank_lines=stats.blank_lines,
+                    error=stats.error,
+                )
+    manifest = run.manifest()
+    manifest["inputs"] = inputs
+    run.write_manifest(manifest)
+
+
+def _normalize(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
+    manifest = run.manifest()
+    refs = _input_refs(manifest["inputs"])
+    detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
+    for name in manifest["jobs"]:
+        plan = cfg.plan(name)
+        norm = Normalizer(plan, refs)
+        with run.stage_writer("normalize", name, norm.schema) as out:
+            for batch in run.stage_reader("extract", plan.source_name):
+                for b in norm.feed(batch):
+                    out.write_batch(b)
+                    progress("normalize", b.num_rows)
+            for b in norm.finish():
+                out.write_batch(b)
+                progress("normalize", b.num_rows)
+        detail[name] = {"recipients": norm.recipients}
+    run.update_manifest(counts=manifest["counts"])
+
+
+def _input_refs(inputs: list[dict[str, Any]]) -> list[InputRef]:
+    """Inputs with, for each, the first earlier input of the same source and bytes."""
+    first: dict[tuple[str, str], int] = {}
+    refs: list[InputRef] = []
+    for entry in inputs:
+        key = (entry["source"], entry.get("sha256") or f"unread:{entry['id']}")
+        same = first.setdefault(key, entry["id"])
+        refs.append(InputRef(entry["path"], None if same == entry["id"] else same))
+    return refs
+
+
+def _build(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
+    manifest = run.manifest()
+    counter = BatchCounter()
+    detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
+    for name in manifest["jobs"]:
+        counts = build_job(run, cfg.plan(name), counter)
+        detail.setdefault(name, {}).update(counts)
+        progress("build", counts["recipients"])
+    run.update_manifest(counts=manifest["counts"])
+
+
+def _deliver(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
+    from pipeline.deliver.runner import deliver_job
+
+    manifest = run.manifest()
+    for name in manifest["jobs"]:
+        deliver_job(run, cfg, cfg.plan(name), progress)
+    run.update_manifest(mode=cfg.delivery.mode)
+
+
+def _report(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> dict[str, Any]:
+    manifest = run.manifest()
+    writer = ReportWriter(run, [e["path"] for e in manifest["inputs"]])
+    for name in manifest["jobs"]:
+        counts = writer.add_job(cfg.plan(name))
+        progress("report", counts["rows"])
+    summary = writer.close()
+    summary["inputs"] = [
+        {k: e.get(k) for k in ("path", "rows", "rejects", "error")} for e in manifest["inputs"]
+    ]
+    run.write_json("summary.json", summary, private=False)
+    manifest = run.manifest()
+    manifest["counts"].update(rows=summary["rows"], **summary["status"])
+    run.write_manifest(manifest)
+    return summary
+
+
+_STAGE_FUNCS: dict[str, Callable[[RunDir, MailpipeConfig, Progress], Any]] = {
+    "extract": _extract,
+    "normalize": _normalize,
+    "build": _build,
+    "deliver": _deliver,
+    "report": _report,
+}
+
+
+def run_pipeline(
+    cfg: MailpipeConfig,
+    jobs: Sequence[str] | None = None,
+    inputs: Sequence[str] = (),
+    out: str | None = None,
+    until: str = "report",
+    progress: Progress = _noop,
+) -> RunOutcome:
+    """Create a run directory and run the stages up to ``until``."""
+    for path in inputs:
+        if not Path(path).exists():
+            raise ConfigError("INPUT", f"{path}: no such file")
+    run = start_run(cfg, jobs, inputs, out)
+    summary: dict[str, Any] = {}
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        result = run_stage(run, cfg, stage, progress)
+        if stage == "report":
+            summary = result
+    if not summary:
+        summary = {
+            "run_id": run.run_id,
+            "status": {},
+            "inputs": [
+                {k: e.get(k) for k in ("path", "rows", "rejects", "error")}
+                for e in run.manifest()["inputs"]
+            ],
+        }
+    return RunOutcome(run, summary)
+
+
+def outcome_of(run: RunDir) -> RunOutcome:
+    """The outcome recorded in a finished run directory."""
+    try:
+        summary = orjson.loads(run.file("summary.json").read_bytes())
+    except FileNotFoundError:
+        raise RunDirError(
+            f"{run.path}: no summary.json yet; run `mailpipe report {run.path}`"
+        ) from None
+    return RunOutcome(run, summary)

@@ -1,0 +1,165 @@
+"""The run directory: its layout, the manifest, and the stage files between stages.
+
+::
+
+    <out>/<run_id>/
+      manifest.json        run id, config digest, inputs, stage states, timings, counts
+      rejects.jsonl        rows that could not become a payload
+      batches/<target>-<nnnn>.request.json / .response.json
+      results.jsonl        one line per input row, input order
+      results.parquet      the same rows
+      async-results.json   run totals in the Yesmail async-results shape
+      summary.json         counts by job, target, status and code
+      stages/              what each stage hands the next (Arrow IPC), and the config used
+
+Files that hold addresses are created with mode 0600. Every JSON file is
+written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from pipeline.errors import RunDirError
+
+__all__ = ["STAGES", "RunDir", "new_run_id", "now_iso"]
+
+STAGES = ("extract", "normalize", "build", "deliver", "report")
+PRIVATE = 0o600
+
+
+def now_iso() -> str:
+    """UTC time as the Yesmail documents write it: ``2015-03-05T00:10:31.283Z``."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_run_id() -> str:
+    """Sortable and unique: ``20261123T165117Z-3f9c1a``."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+class RunDir:
+    """One run's directory. Create with :meth:`create`, reopen with the constructor."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, out: str | os.PathLike[str], run_id: str | None = None) -> RunDir:
+        rid = run_id or new_run_id()
+        path = Path(out) / rid
+        (path / "batches").mkdir(parents=True, exist_ok=False)
+        (path / "stages").mkdir()
+        os.chmod(path, 0o700)
+        return cls(path)
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    # -- paths ------------------------------------------------------------------
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def stage_file(self, stage: str, name: str) -> Path:
+        d = self.path / "stages" / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{name}.arrow"
+
+    def batch_file(self, batch_id: str, kind: str) -> Path:
+        return self.path / "batches" / f"{batch_id}.{kind}.json"
+
+    # -- manifest ---------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = orjson.loads(self.file("manifest.json").read_bytes())
+        except FileNotFoundError:
+            raise RunDirError(
+                f"{self.path}: no manifest.json; is this a run directory? "
+                "(mailpipe run prints the path of the one it made)"
+            ) from None
+        return data
+
+    def write_manifest(self, data: dict[str, Any]) -> None:
+        self.write_json("manifest.json", data, private=False)
+
+    def update_manifest(self, **changes: Any) -> dict[str, Any]:
+        data = self.manifest()
+        data.update(changes)
+        self.write_manifest(data)
+        return data
+
+    def stage_state(self, stage: str) -> str | None:
+        state = self.manifest().get("stages", {}).get(stage, {}).get("state")
+        return str(state) if state is not None else None
+
+    def require(self, stage: str) -> None:
+        """Stop unless ``stage`` completed (a later stage reads its files)."""
+        if self.stage_state(stage) != "completed":
+            raise RunDirError(
+                f"{self.path}: stage {stage!r} has not completed; "
+                f"run `mailpipe {stage} {self.path}` first"
+            )
+
+    # -- writing ----------------------------------------------------------------
+
+    def write_json(self, name: str, data: Any, private: bool = True, indent: bool = True) -> Path:
+        return self.write_bytes(
+            name, orjson.dumps(data, option=orjson.OPT_INDENT_2 if indent else 0), private=private
+        )
+
+    def write_bytes(self, name: str | Path, data: bytes, private: bool = True) -> Path:
+        target = self.path / name
+        tmp = target.with_name(f".{target.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE if private else 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+        return target
+
+    @contextmanager
+    def open_private(self, name: str | Path) -> Iterator[Any]:
+        """A binary file handle, mode 0600, renamed into place when the block ends cleanly."""
+        target = self.path / name
+        tmp = target.with_name(f".{target.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, target)
+
+    @contextmanager
+    def stage_writer(
+        self, stage: str, name: str, schema: pa.Schema
+    ) -> Iterator[pa.ipc.RecordBatchStreamWriter]:
+        """Write one stage file (Arrow IPC stream), atomically."""
+        path = self.stage_file(stage, name)
+        with (
+            self.open_private(path.relative_to(self.path)) as fh,
+            pa.ipc.new_stream(fh, schema) as writer,
+        ):
+            yield writer
+
+    def stage_reader(self, stage: str, name: str) -> pa.ipc.RecordBatchStreamReader:
+        path = self.stage_file(stage, name)
+        if not path.exists():
+            raise RunDirError(
+                f"{self.path}: missing {path.relative_to(self.path)}; "
+                f"run `mailpipe {stage} {self.path}` again"
+            )
+        return pa.ipc.open_stream(pa.memory_map(str(path)))
