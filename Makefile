@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 # `mailpipe run` exit 1; anything worse (2: config, 3: bug) fails the demo.
 demo: $(STAMP)
 	$(BIN)/mailpipe config check --config $(CONFIG)
+	rm -f state/mailpipe.db state/mailpipe.db-wal state/mailpipe.db-shm
+	$(BIN)/mailpipe subscribers import --config $(CONFIG) sample_data/subscribers.csv
+	$(BIN)/mailpipe suppression import --config $(CONFIG) sample_data/suppression.csv
 	$(BIN)/mailpipe run --config $(CONFIG) || test $$? -eq 1
 	@echo
 	$(BIN)/mailpipe results "$$(ls -d out/*/ | sort | tail -n 1)" || test $$? -eq 1

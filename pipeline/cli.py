@@ -25,6 +25,14 @@ from pipeline.config import MailpipeConfig, check_config, load_config
 from pipeline.errors import MailpipeError
 from pipeline.logs import configure_logging, progress_display
 from pipeline.run import RunOutcome, open_run, outcome_of, run_pipeline, run_stage
+from pipeline.store import Store
+from pipeline.subscribers import (
+    ImportReport,
+    export_subscribers,
+    import_subscribers,
+    import_suppression,
+    write_suppression,
+)
 from pipeline.rundir import STAGES, RunDir
 
 __all__ = ["main"]
@@ -248,6 +256,75 @@ def results(run_dir: str, as_json: bool) -> None:
         for code, n in sorted(c.get("codes", {}).items()):
             click.echo(f"{job:<24} {c['target']:<18} {'':<10} {code:<40} {n:>8}")
     sys.exit(outcome.exit_code)
+
+
+def _store(config_path: str) -> tuple[MailpipeConfig, Store]:
+    cfg = load_config(config_path)
+    return cfg, Store(cfg.store.url)
+
+
+def _report_import(path: str, report: ImportReport) -> None:
+    click.echo(report.line(path))
+    for line, reason in report.rejects:
+        click.echo(f"mailpipe: {path}:{line}: rejected: {reason}", err=True)
+    if report.rejects:
+        sys.exit(EXIT_ROWS_FAILED)
+
+
+@main.group()
+def subscribers() -> None:
+    """Import and export the store's list subscribers (simulate and sandbox state)."""
+
+
+@subscribers.command("import")
+@config_option
+@click.option("--list", "list_name", default=None, metavar="NAME",
+              help="The list the rows belong to (else the file's 'list' column).")
+@click.argument("file", type=click.Path(dir_okay=False))
+@handle_errors
+def subscribers_import(config_path: str, list_name: str | None, file: str) -> None:
+    """Add or update the subscribers of FILE (CSV or JSONL); bad rows are rejected.
+
+    Columns: email, list, state (subscribed|pending|unsubscribed|bounced),
+    bounces, suspended, subscriptions (Yesmail divisions, A|B), and the
+    list's profile fields by name. Importing the same file again changes nothing.
+    """
+    cfg, store = _store(config_path)
+    _report_import(file, import_subscribers(store, cfg, file, list_name))
+
+
+@subscribers.command("export")
+@config_option
+@click.option("--list", "list_name", required=True, metavar="NAME", help="The list to export.")
+@handle_errors
+def subscribers_export(config_path: str, list_name: str) -> None:
+    """Write the list's subscribers to stdout as CSV (the import format)."""
+    cfg, store = _store(config_path)
+    export_subscribers(store, cfg, list_name, sys.stdout)
+
+
+@main.group()
+def suppression() -> None:
+    """The global suppression list."""
+
+
+@suppression.command("import")
+@config_option
+@click.argument("file", type=click.Path(dir_okay=False))
+@handle_errors
+def suppression_import(config_path: str, file: str) -> None:
+    """Add the addresses of FILE (columns email, reason, added_at) to the suppression list."""
+    _, store = _store(config_path)
+    _report_import(file, import_suppression(store, file))
+
+
+@suppression.command("list")
+@config_option
+@handle_errors
+def suppression_list(config_path: str) -> None:
+    """Write the suppression list to stdout as CSV."""
+    _, store = _store(config_path)
+    write_suppression(store, sys.stdout)
 
 
 @main.group()

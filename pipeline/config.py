@@ -66,6 +66,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _KeyProblem(ValueError):
+    """A problem a model-level check finds with one of the model's keys (reported as that key)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class ProfileField(_Model):
     """A Maestro profile field: its type, whether it is mandatory, its default."""
 
@@ -78,11 +86,13 @@ class ProfileField(_Model):
     @model_validator(mode="after")
     def _check(self) -> ProfileField:
         if self.type in ("single-select", "multi-select") and not self.lookup:
-            raise ValueError(f'a {self.type} field needs its lookup values: lookup = ["A", "B"]')
+            raise _KeyProblem(
+                "lookup", f'a {self.type} field needs its lookup values: lookup = ["A", "B"]'
+            )
         if self.default is not None:
             problem = _default_problem(self)
             if problem:
-                raise ValueError(f"default {self.default!r} {problem}")
+                raise _KeyProblem("default", f"default {self.default!r} {problem}")
         return self
 
 
@@ -149,6 +159,8 @@ class ListConfig(_Model):
             dec = Decimal(text)
         except InvalidOperation:
             raise ValueError(f'{v!r} is not a number; write e.g. "25.0"') from None
+        if not dec.is_finite():
+            raise ValueError(f'{v!r} is not a number; write e.g. "25.0"')
         exponent = dec.as_tuple().exponent
         if isinstance(exponent, int) and exponent < -2:
             raise ValueError(f'{v!r} has more than two decimals; write e.g. "25.50"')
@@ -157,15 +169,22 @@ class ListConfig(_Model):
     @model_validator(mode="after")
     def _inboxfirst_rules(self) -> ListConfig:
         if self.d_seed_list_ids is not None and self.d_seed_list_names is not None:
-            raise ValueError("give only one of d_seed_list_ids and d_seed_list_names")
+            raise _KeyProblem(
+                "d_seed_list_names",
+                "give only one of d_seed_list_ids and d_seed_list_names; remove the other",
+            )
         if self.custom_headers_enabled and not self.custom_headers.strip():
-            raise ValueError(
+            raise _KeyProblem(
+                "custom_headers",
                 "custom_headers_enabled is true, so custom_headers must be set "
-                '(custom_headers = "X-Company: Acme\\n")'
+                '(custom_headers = "X-Company: Acme\\n")',
             )
         for line in self.custom_headers.splitlines():
             if line.strip() and not _HEADER_LINE.match(line):
-                raise ValueError(f"custom_headers line {line!r} is not a 'Name: value' header")
+                raise _KeyProblem(
+                    "custom_headers",
+                    f"line {line!r} is not a header; write 'Name: value' lines",
+                )
         return self
 
 
@@ -187,6 +206,7 @@ class SourceConfig(_Model):
     user_agent: str | None = None
     fields: dict[str, str] = Field(default_factory=dict)
     flags: dict[str, str] = Field(default_factory=dict)
+    profile_json: str | None = None
 
     @field_validator("delimiter", "quotechar")
     @classmethod
@@ -225,6 +245,8 @@ class SourceConfig(_Model):
             cols["remoteAddress"] = self.remote_address
         if self.user_agent:
             cols["userAgent"] = self.user_agent
+        if self.profile_json:
+            cols["profile_json"] = self.profile_json
         cols.update({f"f:{name}": col for name, col in self.fields.items()})
         cols.update({f"flag:{name}": col for name, col in self.flags.items()})
         return cols
@@ -326,12 +348,32 @@ class RunConfig(_Model):
     chunk_rows: int = Field(default=65536, ge=16, le=4_194_304)
 
 
+MailJobState = Literal["authorized", "closed", "not-authorized"]
+
+
+class SimulateConfig(_Model):
+    """How the simulated platforms look: what the engine answers from, besides the store.
+
+    ``mail_jobs`` lists the Maestro mail jobs that exist and their state; when
+    it is empty every job's mail job exists and is authorized. Lists named in
+    ``missing_lists`` / ``missing_datasets`` are gone on the platform.
+    """
+
+    mail_jobs: dict[str, MailJobState] = Field(default_factory=dict)
+    missing_lists: tuple[str, ...] = ()
+    missing_datasets: tuple[str, ...] = ()
+    bounce_limit: int = Field(default=3, ge=1)
+    group_daily_limit: int | None = Field(default=None, ge=1)
+    api_user: str = "mailpipe"
+
+
 class MailpipeConfig(_Model):
     """The whole configuration, validated across sections."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     lists: dict[str, ListConfig] = Field(default_factory=dict)
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     jobs: dict[str, JobConfig] = Field(default_factory=dict)
@@ -379,6 +421,11 @@ class JobPlan:
     def target(self) -> Target:
         return self.job.target
 
+    @property
+    def mail_job(self) -> str:
+        """The Maestro mail job a maestro-ondemand job triggers (its own name by default)."""
+        return self.job.mail_job or self.name
+
     def field_spec(self, name: str) -> ProfileField:
         """The list's definition of a field; on-demand merge fields are plain text."""
         return self.lst.fields.get(name) or ProfileField()
@@ -392,6 +439,9 @@ def _cross_check(cfg: MailpipeConfig) -> list[ConfigError]:
 
     if not cfg.jobs:
         err("jobs", "no jobs are defined; add a [jobs.NAME] table with source, target and list")
+    for name in cfg.simulate.missing_lists + cfg.simulate.missing_datasets:
+        if name not in cfg.lists:
+            err("simulate", f"no list {name!r} to mark missing; write one of {sorted(cfg.lists)}")
     for name, job in cfg.jobs.items():
         key = f"jobs.{name}"
         if job.source not in cfg.sources:
@@ -446,11 +496,19 @@ def _cross_check(cfg: MailpipeConfig) -> list[ConfigError]:
                     f"{key}.templateId",
                     'yesmail-send needs the template to send: templateId = "1465362"',
                 )
-            if job.updateProfile and job.recipient_id not in ("email", "record_id", *src.fields):
+            # the builder reads the id from the job's own columns: a field it does not send is
+            # not there, and an unmapped record_id would silently drop "id"
+            if job.recipient_id not in ("email", "record_id", *sent):
                 err(
                     f"{key}.recipient_id",
-                    'updateProfile requires an id; write "email", '
-                    '"record_id" or a mapped field name',
+                    f"{job.recipient_id!r} is not a field this job sends; write "
+                    f'"email", "record_id" or one of {list(sent)}',
+                )
+            elif job.recipient_id == "record_id" and not src.record_id:
+                err(
+                    f"{key}.recipient_id",
+                    f"source {job.source!r} maps no record_id column; set "
+                    f'sources.{job.source}.record_id or write recipient_id = "email"',
                 )
             for field in job.attrs:
                 if field not in sent:
@@ -467,6 +525,12 @@ def _cross_check(cfg: MailpipeConfig) -> list[ConfigError]:
             err(
                 f"sources.{job.source}.flags",
                 f"per-row flags only apply to maestro-ondemand, but job {name!r} is {job.target}",
+            )
+        if src.profile_json and job.target != "maestro-ondemand":
+            err(
+                f"sources.{job.source}.profile_json",
+                f"a per-row profile object only applies to maestro-ondemand, "
+                f"but job {name!r} is {job.target}",
             )
     return errors
 
@@ -528,21 +592,56 @@ def check_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = N
     except ConfigError as e:
         return [e.message]
     except ValidationError as e:
-        return [_format_error(err) for err in e.errors()]
+        return [line for _, line in _problems(e)]
     return [p.message for p in _cross_check(cfg)]
 
 
+def _problems(e: ValidationError) -> list[tuple[str, str]]:
+    """(dotted key, line) per problem; a union's complaints about one value count once."""
+    lines: dict[str, str] = {}
+    for err in e.errors():
+        lines.setdefault(".".join(_error_loc(err)) or "config", _format_error(err))
+    return list(lines.items())
+
+
 def _first_error(e: ValidationError) -> ConfigError:
-    errs = e.errors()
-    return ConfigError(
+    probs = _problems(e)
+    error = ConfigError(
         "",
-        "; ".join(_format_error(x) for x in errs[:3])
-        + (f" (and {len(errs) - 3} more: run `mailpipe config check`)" if len(errs) > 3 else ""),
+        "; ".join(line for _, line in probs[:3])
+        + (f" (and {len(probs) - 3} more: run `mailpipe config check`)" if len(probs) > 3 else ""),
     )
+    error.key = probs[0][0]
+    return error
+
+
+def _error_loc(err: Any) -> list[str]:
+    """The config keys an error is about: union member labels (``str``, ``int``…) left out."""
+    loc: list[str] = []
+    model: Any = MailpipeConfig
+    for part in err["loc"]:
+        if isinstance(part, int):  # an item of an array
+            loc.append(str(part))
+            continue
+        if part.startswith(("function-", "union[")):
+            continue
+        if isinstance(model, _DictOf):
+            loc.append(part)
+            model = model.value
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None:  # inside a plain value: the rest names union members, not keys
+            continue
+        loc.append(part)
+        model = _model_of(fields[part].annotation) if part in fields else None
+    problem = (err.get("ctx") or {}).get("error")
+    if isinstance(problem, _KeyProblem):
+        loc.append(problem.key)
+    return loc
 
 
 def _format_error(err: Any) -> str:
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union["))]
+    loc = _error_loc(err)
     key = ".".join(loc) or "config"
     kind = err["type"]
     if kind == "extra_forbidden":

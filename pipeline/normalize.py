@@ -36,7 +36,7 @@ __all__ = ["PROBLEMS", "Normalizer", "normalized_schema"]
 
 # why a row could not become (part of) a payload
 PROBLEMS = ("unreadable", "missing_email", "invalid_email", "profile", "duplicate")
-PASSTHROUGH = ("password", "remoteAddress", "userAgent")
+PASSTHROUGH = ("password", "remoteAddress", "userAgent", "profile_json")
 _TRUE = ["true", "yes", "1", "y", "on"]
 _FALSE = ["false", "no", "0", "n", "off"]
 _MAX_CARRY = 1 << 20
@@ -145,7 +145,8 @@ class Normalizer:
         # walk back over readable rows while they carry the same key
         breaks = rows[~same[rows]]
         start = int(breaks[-1]) + 1 if breaks.size else 0
-        return start if start > 0 or n > _MAX_CARRY // 2 else n
+        # the whole table is one record: keep it all back, unless it grew too big to carry
+        return n if start == 0 and n > _MAX_CARRY // 2 else start
 
     def _process(self, table: pa.Table) -> pa.RecordBatch:
         n = table.num_rows
@@ -248,7 +249,7 @@ class Normalizer:
         is_primary = np.zeros(n, dtype=bool)
         is_primary[ri[gs]] = True
         prim_g = np.where(is_primary, row_g, -1)
-        status = np.where(row_g >= 0, g.status[np.maximum(row_g, 0)], 1)
+        status = _spread(g.status, row_g, 1)
         status_names = pa.array(["pending", "failed", "ignored"])
         reject = table.column("_reject").combine_chunks()
         g_problem = pa.array(g.problem, pa.string())
@@ -259,7 +260,7 @@ class Normalizer:
         raw = pc.if_else(
             pa.array(failed), _raw_or_json(raw, table, failed), pa.scalar(None, pa.string())
         )
-        dup = np.where(row_g >= 0, g.dup_where[np.maximum(row_g, 0)], -1)
+        dup = _spread(g.dup_where, row_g, -1)
         row_index = np.where(readable, np.cumsum(readable) - 1, -1)
         row_vals = {
             name: scatter(values[name], row_index)
@@ -280,7 +281,7 @@ class Normalizer:
             "_message": message,
             "_field": scatter(pa.array(g.field, pa.string()), row_g),
             "_details": scatter(pa.array(g.details, pa.list_(pa.string())), row_g),
-            "_rec": pa.array(np.where(row_g >= 0, g_rec[np.maximum(row_g, 0)], -1)),
+            "_rec": pa.array(_spread(g_rec, row_g, -1)),
             "_primary": pa.array(is_primary),
             "_dup_file": pa.array(
                 np.where(dup >= 0, dup >> _FILE_SHIFT, 0).astype(np.int32), mask=dup < 0
@@ -344,6 +345,14 @@ class _Groups:
             self.message[i], self.details[i] = "; ".join(details), details
 
 
+def _spread(per_group: np.ndarray, row_g: np.ndarray, fill: int) -> np.ndarray:
+    """Per row: its group's value, or ``fill`` for a row in no group (a batch may have none)."""
+    out = np.full(row_g.size, fill, dtype=per_group.dtype)
+    has = row_g >= 0
+    out[has] = per_group[row_g[has]]
+    return out
+
+
 def _first_valid(col: pa.Array, starts: np.ndarray) -> pa.Array:
     """Per group (rows ``starts[i]`` up to the next start): its first non-null value."""
     n = len(col)
@@ -375,7 +384,9 @@ def coerce(name: str, spec: ProfileField, col: pa.Array) -> tuple[pa.Array, pa.A
         return col, pa.nulls(len(col), pa.string())
     if spec.type == "number":
         ok = pc.match_substring_regex(col, r"^[+-]?[0-9]{1,18}$")
-        typed = pc.cast(pc.if_else(ok, col, pa.scalar(None, pa.string())), pa.int64())
+        # Arrow's cast does not take a leading "+"
+        digits = pc.replace_substring_regex(col, r"^\+", "")
+        typed = pc.cast(pc.if_else(ok, digits, pa.scalar(None, pa.string())), pa.int64())
         return typed, _problem(name, col, ok, "is not a whole number")
     if spec.type == "boolean":
         low = pc.utf8_lower(col)

@@ -7,12 +7,12 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.build import batch_id, primary_rows
 from pipeline.config import JobPlan, MailpipeConfig
 from pipeline.deliver import OUTCOME_SCHEMA
-from pipeline.rundir import RunDir, now_iso
+from pipeline.errors import MailpipeError
+from pipeline.rundir import RunDir
 
 __all__ = ["Backend", "BatchRows", "deliver_job"]
 
@@ -27,8 +27,8 @@ class BatchRows:
 
 
 class Backend(Protocol):
-    def send(self, batch: BatchRows) -> tuple[bytes | None, pa.Table]:
-        """Deliver one batch: (response file bytes or None, outcomes in OUTCOME_SCHEMA)."""
+    def send_many(self, batches: list[BatchRows]) -> list[tuple[bytes | None, pa.Table]]:
+        """Deliver consecutive batches: per batch (response bytes or None, OUTCOME_SCHEMA rows)."""
         ...
 
     def close(self) -> None: ...
@@ -58,54 +58,50 @@ def iter_batches(run: RunDir, plan: JobPlan) -> Iterator[BatchRows]:
         yield BatchRows(batch_id(plan.target, number), number, rows)
 
 
+CHUNK_RECIPIENTS = 65536
+
+
 def deliver_job(
     run: RunDir, cfg: MailpipeConfig, plan: JobPlan, progress: Callable[[str, int], None]
 ) -> None:
-    backend = make_backend(cfg, plan, run)
+    """Deliver every batch of a job in order; write responses and one outcome per recipient."""
+    backend = make_backend(cfg, plan)
     try:
         with run.stage_writer("deliver", plan.name, OUTCOME_SCHEMA) as out:
+            group: list[BatchRows] = []
+            size = 0
             for batch in iter_batches(run, plan):
-                response, outcomes = backend.send(batch)
-                if response is not None:
-                    run.write_bytes(
-                        run.batch_file(batch.id, "response").relative_to(run.path), response
-                    )
-                out.write_table(outcomes.cast(OUTCOME_SCHEMA))
-                progress("deliver", batch.rows.num_rows)
+                group.append(batch)
+                size += batch.rows.num_rows
+                if size >= CHUNK_RECIPIENTS:
+                    _send(run, backend, group, out, progress)
+                    group, size = [], 0
+            if group:
+                _send(run, backend, group, out, progress)
     finally:
         backend.close()
 
 
-def make_backend(cfg: MailpipeConfig, plan: JobPlan, run: RunDir) -> Backend:
+def _send(
+    run: RunDir,
+    backend: Backend,
+    group: list[BatchRows],
+    out: pa.ipc.RecordBatchStreamWriter,
+    progress: Callable[[str, int], None],
+) -> None:
+    for batch, (response, outcomes) in zip(group, backend.send_many(group)):
+        if response is not None:
+            run.write_bytes(run.batch_file(batch.id, "response").relative_to(run.path), response)
+        out.write_table(outcomes.cast(OUTCOME_SCHEMA))
+        progress("deliver", batch.rows.num_rows)
+
+
+def make_backend(cfg: MailpipeConfig, plan: JobPlan) -> Backend:
     mode = cfg.delivery.mode
     if mode == "simulate":
-        return _NotYet()
-    raise NotImplementedError(f"delivery mode {mode!r} is not available yet")
+        from pipeline.deliver.simulate import SimulateBackend
 
-
-class _NotYet:
-    """Until the simulate engine lands: every recipient is left undelivered, and says so."""
-
-    def send(self, batch: BatchRows) -> tuple[bytes | None, pa.Table]:
-        n = batch.rows.num_rows
-        recs = batch.rows.column("_rec").combine_chunks()
-        return None, pa.table(
-            {
-                "_rec": recs,
-                "status": pa.array(["ignored"] * n),
-                "result": pa.nulls(n, pa.string()),
-                "error": pa.nulls(n, pa.string()),
-                "message": pa.array(["not delivered: the simulate engine is not built yet"] * n),
-                "reason": pa.nulls(n, pa.string()),
-                "ticket": pa.nulls(n, pa.string()),
-                "state": pa.nulls(n, pa.string()),
-                "http_status": pa.nulls(n, pa.int32()),
-                "time": pa.array([now_iso()] * n),
-            }
-        )
-
-    def close(self) -> None:
-        return None
-
-
-_ = pc
+        return SimulateBackend(cfg, plan)
+    raise MailpipeError(
+        f"delivery mode {mode!r} is not available in this version; use --mode simulate"
+    )

@@ -17,9 +17,11 @@ platform judges it). A batch is a JSON array sent URL-encoded as
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan
 from pipeline.payloads.base import REDACTED, Builder, encoded_bytes, secret_from_env
 from pipeline.payloads.jsonfrag import NULL_STR, member, obj, string_literal
@@ -49,8 +51,10 @@ class OnDemandBuilder(Builder):
         esc = rows.column("_esc").to_numpy(zero_copy_only=False)
         members = [member("email", string_literal(rows.column("email").combine_chunks(), esc))]
         profile = self.profile_members(rows, esc)
-        if profile:
+        if profile or "profile_json" in rows.column_names:
             inner = obj(profile, n)
+            if "profile_json" in rows.column_names:
+                inner = merge_profile_json(inner, rows.column("profile_json").combine_chunks())
             members.append(member("profile", pc.if_else(pc.equal(inner, "{}"), NULL_STR, inner)))
         for flag in FLAG_NAMES:
             members.append(member(flag, self._flag(rows, flag, n)))
@@ -81,3 +85,32 @@ class OnDemandBuilder(Builder):
     def envelope(self, batch_id: str) -> tuple[bytes, bytes]:
         head = self._head(batch_id, "GET", trigger_url(self.plan, redact=True))
         return self._open(head, "recip"), b"]}"
+
+
+def merge_profile_json(profile: pa.Array, extra: pa.Array) -> pa.Array:
+    """Add a per-row profile object (a source's ``profile_json`` column) to the mapped fields.
+
+    The value is passed on as the platform would receive it: an object's
+    members join the mapped fields (which win on a clash); anything else
+    replaces the profile as it is, JSON or not, for the platform to refuse.
+    Only rows with a value are touched (one by one: a rare, per-row column).
+    """
+    idx = np.flatnonzero(to_bool_np(pc.is_valid(extra)))
+    if idx.size == 0:
+        return profile
+    base = profile.take(pa.array(idx)).to_pylist()
+    fixed: list[str] = []
+    for mapped, text in zip(base, extra.take(pa.array(idx)).to_pylist()):
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            value = text
+        if isinstance(value, dict):
+            fields = orjson.loads(mapped)
+            fixed.append(orjson.dumps({**value, **fields}).decode())
+        else:
+            fixed.append(orjson.dumps(value).decode())
+    mask = np.zeros(len(profile), dtype=bool)
+    mask[idx] = True
+    return pc.replace_with_mask(profile, pa.array(mask), pa.array(fixed, pa.string()))
+

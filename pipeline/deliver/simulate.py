@@ -1,0 +1,226 @@
+"""``simulate`` mode: no network; the engine answers each batch as the platform documents.
+
+The files written are those of a real run: the response file holds the body
+the platform would send, and every recipient's outcome is in its vocabulary.
+On-demand batches are judged many at a time (consecutive calls of one job are
+processed one recipient after the other by the platform anyway), which keeps
+the store to one query per chunk of recipients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
+from pipeline.deliver.runner import BatchRows
+from pipeline.arrowutil import to_bool_np
+from pipeline.engine.ondemand import RecipColumns, columns_from_objects, evaluate_ondemand
+from pipeline.engine.subscribe import evaluate_subscribe
+from pipeline.engine.yesmail import SendAnswer, evaluate_send
+from pipeline.errors import MaestroResult, YesmailStatus
+from pipeline.payloads import builder_for
+from pipeline.rundir import now_iso
+from pipeline.store import Store
+
+__all__ = ["SimulateBackend", "outcome_table"]
+
+
+def outcome_table(recs: pa.Array, **cols: list[Any]) -> pa.Table:
+    """An OUTCOME_SCHEMA table from per-recipient lists (missing columns are null)."""
+    from pipeline.deliver import OUTCOME_SCHEMA
+
+    n = len(recs)
+    arrays = {"_rec": recs}
+    for f in OUTCOME_SCHEMA:
+        if f.name == "_rec":
+            continue
+        values = cols.get(f.name)
+        arrays[f.name] = pa.array(values, f.type) if values is not None else pa.nulls(n, f.type)
+    return pa.table(arrays, schema=OUTCOME_SCHEMA)
+
+
+class SimulateBackend:
+    """Answers batches of one job with the engine, from the store."""
+
+    def __init__(self, cfg: MailpipeConfig, plan: JobPlan) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.store = Store(cfg.store.url)
+        if cfg.simulate.mail_jobs:
+            self.store.sync_mail_jobs(dict(cfg.simulate.mail_jobs))
+        self.builder = builder_for(plan)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def send(self, batch: BatchRows) -> tuple[bytes | None, pa.Table]:
+        return self.send_many([batch])[0]
+
+    def send_many(self, batches: list[BatchRows]) -> list[tuple[bytes | None, pa.Table]]:
+        target = self.plan.target
+        if target == "maestro-ondemand":
+            return self._ondemand(batches)
+        if target == "maestro-subscribe":
+            return [self._subscribe(b) for b in batches]
+        return [self._yesmail(b) for b in batches]
+
+    # -- maestro-ondemand -----------------------------------------------------------
+
+    def _ondemand(self, batches: list[BatchRows]) -> list[tuple[bytes | None, pa.Table]]:
+        rows = pa.concat_tables([b.rows for b in batches])
+        answer = evaluate_ondemand(self.cfg, self.plan, self.store, self._recip_columns(rows))
+        now = now_iso()
+        out: list[tuple[bytes | None, pa.Table]] = []
+        pos = 0
+        for b in batches:
+            n = b.rows.num_rows
+            codes = answer.result[pos : pos + n]
+            msgs = answer.message[pos : pos + n]
+            if answer.request_error is not None:
+                body = orjson.dumps(answer.request_error.response())
+            else:
+                body = orjson.dumps([c.response(m) for c, m in zip(codes, msgs)])
+            ok = [c is MaestroResult.SUCCESS for c in codes]
+            out.append(
+                (
+                    body,
+                    outcome_table(
+                        b.rows.column("_rec").combine_chunks(),
+                        status=["completed" if k else "failed" for k in ok],
+                        result=[c.value for c in codes],
+                        error=[None if k else c.error for k, c in zip(ok, codes)],
+                        message=list(msgs),
+                        time=[now] * n,
+                    ),
+                )
+            )
+            pos += n
+        return out
+
+    def _recip_columns(self, rows: pa.Table) -> RecipColumns:
+        n = rows.num_rows
+        flags: dict[str, pa.Array] = {}
+        for name in FLAG_NAMES:
+            default = "true" if getattr(self.plan.job, name) else "false"
+            col = f"flag:{name}"
+            if col in rows.column_names:
+                raw = rows.column(col).combine_chunks()
+                low = pc.utf8_lower(raw)
+                is_bool = pc.is_in(low, pa.array(["true", "false"]))
+                value = pc.if_else(is_bool, low, raw)
+                flags[name] = pc.coalesce(value, default)
+            else:
+                flags[name] = pa.array(np.full(n, default, dtype=object), pa.string())
+        profile = {name: rows.column(f"f:{name}").combine_chunks() for name in self.plan.fields}
+        rc = RecipColumns(
+            email=rows.column("email").combine_chunks(),
+            flags=flags,
+            profile=profile,
+            profile_error=pa.nulls(n, pa.string()),
+            profile_invalid=np.zeros(n, dtype=bool),
+        )
+        if "profile_json" in rows.column_names:
+            self._judge_profile_objects(rows, rc)
+        return rc
+
+    def _judge_profile_objects(self, rows: pa.Table, rc: RecipColumns) -> None:
+        """Rows with a per-row profile object are judged from the JSON that would be sent."""
+        idx = np.flatnonzero(to_bool_np(pc.is_valid(rows.column("profile_json"))))
+        if idx.size == 0:
+            return
+        items = self.builder.items(rows.take(pa.array(idx))).to_pylist()
+        parsed = columns_from_objects([orjson.loads(t) for t in items], self.plan)
+        mask = np.zeros(len(rc), dtype=bool)
+        mask[idx] = True
+        m = pa.array(mask)
+        for name, col in parsed.profile.items():
+            base = rc.profile.get(name, pa.nulls(len(rc), col.type))
+            rc.profile[name] = pc.replace_with_mask(base, m, col)
+        for name, col in parsed.flags.items():
+            rc.flags[name] = pc.replace_with_mask(rc.flags[name], m, col)
+        rc.profile_error = pc.replace_with_mask(rc.profile_error, m, parsed.profile_error)
+        rc.profile_invalid[idx] = parsed.profile_invalid
+
+    # -- maestro-subscribe ----------------------------------------------------------
+
+    def _subscribe(self, b: BatchRows) -> tuple[bytes | None, pa.Table]:
+        calls = [orjson.loads(item) for item in self.builder.items(b.rows).to_pylist()]
+        answers = evaluate_subscribe(self.cfg, self.store, calls, self.plan.job.subscribe_url)
+        n = len(answers)
+        ok = [a["result"] == "SUCCESS" for a in answers]
+        return orjson.dumps(answers), outcome_table(
+            b.rows.column("_rec").combine_chunks(),
+            status=["completed" if k else "failed" for k in ok],
+            result=[a["result"] for a in answers],
+            reason=[None if k else orjson.dumps(a["reason"]).decode() for k, a in zip(ok, answers)],
+            time=[now_iso()] * n,
+        )
+
+    # -- yesmail-send ----------------------------------------------------------------
+
+    def _yesmail(self, b: BatchRows) -> tuple[bytes | None, pa.Table]:
+        items = [orjson.loads(i) for i in self.builder.items(b.rows).to_pylist()]
+        head = orjson.loads(self.builder.body_head() + b"]}")  # type: ignore[attr-defined]
+        n = len(items)
+        fields: dict[str, list[Any]] = {
+            k: [None] * n for k in ("status", "ticket", "state", "message", "http_status", "time")
+        }
+        attempts: list[dict[str, Any]] = []
+        self._bisect(head, items, list(range(n)), b.id, attempts, fields)
+        return orjson.dumps({"attempts": attempts}), outcome_table(
+            b.rows.column("_rec").combine_chunks(), **fields
+        )
+
+    def _bisect(
+        self,
+        head: dict[str, Any],
+        items: list[dict[str, Any]],
+        idx: list[int],
+        ref: str,
+        attempts: list[dict[str, Any]],
+        fields: dict[str, list[Any]],
+    ) -> None:
+        """Send ``idx``; on 400/409 split it, so only the offending recipients fail."""
+        body = {**head, "recipients": [items[i] for i in idx]}
+        answer: SendAnswer = evaluate_send(self.store, body, self.cfg.simulate.api_user, ref)
+        attempts.append(_attempt(idx, answer))
+        if answer.status is YesmailStatus.ACCEPTED:
+            assert answer.ticket is not None
+            for pos, i in enumerate(idx):
+                fields["status"][i] = answer.per_recipient[pos]
+                fields["ticket"][i] = answer.ticket["id"]
+                fields["state"][i] = answer.ticket["state"]
+                fields["message"][i] = answer.ticket["message"]
+                fields["http_status"][i] = int(answer.status)
+                fields["time"][i] = answer.ticket["lastUpdate"]
+            return
+        if len(idx) == 1:
+            i = idx[0]
+            fields["status"][i] = "failed"
+            fields["http_status"][i] = int(answer.status)
+            fields["message"][i] = answer.body.get("message")
+            fields["time"][i] = now_iso()
+            return
+        half = len(idx) // 2
+        self._bisect(head, items, idx[:half], ref, attempts, fields)
+        self._bisect(head, items, idx[half:], ref, attempts, fields)
+
+
+def _attempt(idx: list[int], answer: SendAnswer) -> dict[str, Any]:
+    out: dict[str, Any] = {"recipients": idx, "status": int(answer.status)}
+    if answer.status is YesmailStatus.ACCEPTED:
+        out["headers"] = {
+            "Content-Location": f"https://api.yesmail.com/v2/tickets/"
+            f"{(answer.ticket or {}).get('id')}"
+        }
+        out["body"] = answer.body
+        out["ticket"] = answer.ticket
+        out["asyncResults"] = answer.async_results
+    else:
+        out["body"] = answer.body
+    return out

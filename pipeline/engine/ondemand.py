@@ -1,0 +1,364 @@
+"""LISTSERV Maestro on-demand recipients, answered from the store (``000_…``).
+
+The engine takes the recipients of one call — or of several consecutive
+calls of the same job, which is the same thing since Maestro "processes each
+of the supplied recipients one by one" — as columns, and answers each with
+the documented object. The checks, in order:
+
+1. request: the mail job exists (``MAIL_JOB_NOT_FOUND``), is authorized
+   (``ILLEGAL_JOB_STATE``), its trigger is open (``TRIGGER_CLOSED``), its list
+   still exists (``HOSTED_LIST_NOT_FOUND`` / ``DATASET_NOT_FOUND``);
+2. the three flags are JSON booleans (``INVALID_FORCE_ADD_FLAG``, …);
+   ``profile`` is an object (``INVALID_PROFILE``);
+3. the email is there and valid (``MISSING_EMAIL``, ``INVALID_EMAIL``); the
+   profile names known fields with values of their type
+   (``PROFILE_VALIDATION_ERROR``);
+4. the address is not suppressed (``ADDRESS_REJECTED_BY_SUPPRESSION_LIST``);
+5. an unknown address needs ``ifNotExistsAddAndSend`` (``ADDRESS_NOT_FOUND``),
+   must not have unsubscribed or bounced too often
+   (``ADDRESS_REJECTED_BY_LIST_PROTECTION``) and must bring every mandatory
+   field without a default (``PROFILE_VALIDATION_ERROR``); it is then added;
+6. a known address is sent to unless delivery is suspended or the group's
+   limit is reached (``SEND_ERROR``), which ``ifExistsForceSending`` overrides;
+   ``ifExistsDoUpdate`` stores the given list fields.
+
+An address met twice is judged the second time against the state the first
+left: recipients are processed in rounds of first, second, … occurrences.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.arrowutil import to_bool_np
+from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
+from pipeline.emails import check_emails
+from pipeline.errors import MaestroResult as R
+from pipeline.store import Store, profile_json
+
+__all__ = [
+    "OnDemandAnswer",
+    "RecipColumns",
+    "answer_recip",
+    "columns_from_objects",
+    "evaluate_ondemand",
+]
+
+_FLAG_CODES = {
+    "ifNotExistsAddAndSend": R.INVALID_FORCE_ADD_FLAG,
+    "ifExistsDoUpdate": R.INVALID_DO_UPDATE_FLAG,
+    "ifExistsForceSending": R.INVALID_FORCE_DELIVERY_FLAG,
+}
+
+
+@dataclass
+class RecipColumns:
+    """Recipient objects as columns.
+
+    ``flags`` hold ``"true"``/``"false"`` for JSON booleans, null when absent and
+    the JSON text of anything else; ``profile`` holds typed values per field;
+    ``profile_error`` a problem found while reading the profile (unknown field,
+    wrong type); ``profile_invalid`` marks a ``profile`` that is not an object.
+    """
+
+    email: pa.Array
+    flags: dict[str, pa.Array]
+    profile: dict[str, pa.Array]
+    profile_error: pa.Array
+    profile_invalid: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.email)
+
+
+@dataclass
+class OnDemandAnswer:
+    """Per recipient: documented result code and optional message; or one request error."""
+
+    request_error: R | None
+    result: list[R] = field(default_factory=list)
+    message: list[str | None] = field(default_factory=list)
+
+    def bodies(self) -> list[dict[str, str]]:
+        return [code.response(msg) for code, msg in zip(self.result, self.message)]
+
+    def response_json(self) -> bytes:
+        """The HTTP body Maestro would send for the call: an array, or one object."""
+        if self.request_error is not None:
+            return orjson.dumps(self.request_error.response())
+        return orjson.dumps(self.bodies())
+
+
+def request_error(cfg: MailpipeConfig, plan: JobPlan, store: Store) -> R | None:
+    """The call-level answer, if the call itself cannot be processed."""
+    sim = cfg.simulate
+    if sim.mail_jobs:
+        with store.begin() as conn:
+            state = store.mail_job_state(conn, plan.mail_job)
+        if state is None:
+            return R.MAIL_JOB_NOT_FOUND
+        if state == "not-authorized":
+            return R.ILLEGAL_JOB_STATE
+        if state == "closed":
+            return R.TRIGGER_CLOSED
+    if plan.list_name in sim.missing_datasets:
+        return R.DATASET_NOT_FOUND
+    if plan.list_name in sim.missing_lists:
+        return R.HOSTED_LIST_NOT_FOUND
+    return None
+
+
+def evaluate_ondemand(
+    cfg: MailpipeConfig, plan: JobPlan, store: Store, rc: RecipColumns, today: str | None = None
+) -> OnDemandAnswer:
+    """Answer every recipient, update the store in one transaction."""
+    n = len(rc)
+    err = request_error(cfg, plan, store)
+    if err is not None:
+        return OnDemandAnswer(err, [err] * n, [None] * n)
+    code = np.full(n, None, dtype=object)
+    message = np.full(n, None, dtype=object)
+
+    def settle(mask: np.ndarray, result: R, msg: Any = None) -> None:
+        m = mask & (code == None)  # noqa: E711 - elementwise on an object array
+        code[m] = result
+        if msg is not None:
+            message[m] = msg[m] if isinstance(msg, np.ndarray) else msg
+
+    flag_on: dict[str, np.ndarray] = {}
+    for name in FLAG_NAMES:
+        col = rc.flags.get(name, pa.nulls(n, pa.string()))
+        bad = to_bool_np(pc.invert(pc.is_in(col, pa.array(["true", "false"]))))
+        bad &= to_bool_np(pc.is_valid(col))
+        settle(bad, _FLAG_CODES[name])
+        flag_on[name] = to_bool_np(pc.equal(col, "true"))
+    settle(rc.profile_invalid, R.INVALID_PROFILE)
+    verdict = check_emails(rc.email)
+    problem = verdict.problem.to_numpy(zero_copy_only=False)
+    vmsg = verdict.message.to_numpy(zero_copy_only=False)
+    settle(problem == "MISSING_EMAIL", R.MISSING_EMAIL)
+    settle(problem == "INVALID_EMAIL", R.INVALID_EMAIL, vmsg)
+    perr = rc.profile_error.to_numpy(zero_copy_only=False)
+    settle(perr != None, R.PROFILE_VALIDATION_ERROR, perr)  # noqa: E711
+    emails = verdict.email.to_pylist()
+    keys = np.array([(e or "").lower() for e in emails], dtype=object)
+    open_ = code == None  # noqa: E711
+    day = today or dt.date.today().isoformat()
+    with store.begin() as conn:
+        suppressed = store.suppressed(conn, keys[open_].tolist())
+        settle(
+            np.isin(keys, list(suppressed)) if suppressed else np.zeros(n, bool),
+            R.ADDRESS_REJECTED_BY_SUPPRESSION_LIST,
+        )
+        _rounds(cfg, plan, store, conn, rc, keys, emails, flag_on, code, message, day)
+    code[code == None] = R.SUCCESS  # noqa: E711
+    return OnDemandAnswer(None, list(code), list(message))
+
+
+def _rounds(
+    cfg: MailpipeConfig,
+    plan: JobPlan,
+    store: Store,
+    conn: Any,
+    rc: RecipColumns,
+    keys: np.ndarray,
+    emails: list[str | None],
+    flag_on: dict[str, np.ndarray],
+    code: np.ndarray,
+    message: np.ndarray,
+    day: str,
+) -> None:
+    """Judge the open recipients against the store, first occurrences first."""
+    lst = plan.lst
+    open_idx = np.flatnonzero(code == None)  # noqa: E711
+    if open_idx.size == 0:
+        return
+    # occurrence number of each address among the open recipients
+    order = np.argsort(keys[open_idx], kind="stable")
+    sorted_keys = keys[open_idx][order]
+    starts = np.ones(order.size, dtype=bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))
+    occurrence = np.empty(order.size, dtype=np.int64)
+    occurrence[order] = np.arange(order.size) - run_start
+    limit = cfg.simulate.group_daily_limit if lst.group else None
+    for rnd in range(int(occurrence.max()) + 1):
+        idx = open_idx[occurrence == rnd]
+        found = store.subscribers_of(conn, [plan.list_name], keys[idx].tolist())
+        sent = store.sent_today(conn, lst.group or "", keys[idx].tolist(), day) if limit else {}
+        adds: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        sends: list[str] = []
+        values = {
+            name: col.take(pa.array(idx)).to_pylist()
+            for name, col in rc.profile.items()
+            if name in lst.fields
+        }
+        # one pass over the round's recipients: the store's answers are per address
+        for j, i in enumerate(idx.tolist()):
+            row = found.get((plan.list_name, keys[i]))
+            given = {f: v[j] for f, v in values.items() if v[j] is not None}
+            if row is None or row["state"] != "subscribed":
+                outcome = _new_address(
+                    cfg, plan, row, given, bool(flag_on["ifNotExistsAddAndSend"][i])
+                )
+                if isinstance(outcome, tuple):
+                    code[i], message[i] = outcome
+                    continue
+                adds.append(
+                    {
+                        "list": plan.list_name,
+                        "email_key": keys[i],
+                        "email": emails[i],
+                        "state": "subscribed",
+                        "bounces": 0,
+                        "suspended": False,
+                        "profile": profile_json(outcome),
+                    }
+                )
+            else:
+                if flag_on["ifExistsDoUpdate"][i] and given:
+                    stored = orjson.loads(row["profile"] or "{}")
+                    stored.update(given)
+                    updates.append(
+                        {
+                            "list": plan.list_name,
+                            "email_key": keys[i],
+                            "email": row["email"],
+                            "state": row["state"],
+                            "profile": profile_json(stored),
+                        }
+                    )
+                constraint = None
+                if row["suspended"]:
+                    constraint = "delivery is suspended by the subscriber"
+                elif limit and sent.get(keys[i], 0) >= limit:
+                    constraint = f"list group limit of {limit} messages a day reached"
+                if constraint and not flag_on["ifExistsForceSending"][i]:
+                    code[i], message[i] = R.SEND_ERROR, f"Not sent: {constraint}"
+                    continue
+            code[i] = R.SUCCESS
+            sends.append(keys[i])
+            if limit:
+                sent[keys[i]] = sent.get(keys[i], 0) + 1
+        store.upsert_subscribers(conn, adds + updates)
+        if limit and sends:
+            store.count_sends(conn, lst.group or "", sends, day)
+
+
+def _new_address(
+    cfg: MailpipeConfig, plan: JobPlan, row: dict[str, Any] | None, given: dict[str, Any], add: bool
+) -> tuple[R, str | None] | dict[str, Any]:
+    """An address that is not a subscriber: its rejection, or the profile to add it with."""
+    if not add:
+        return R.ADDRESS_NOT_FOUND, None
+    if row is not None and (
+        row["state"] in ("unsubscribed", "bounced")
+        or int(row["bounces"]) >= cfg.simulate.bounce_limit
+    ):
+        why = (
+            "unsubscribed" if row["state"] == "unsubscribed" else f"bounced {row['bounces']} times"
+        )
+        return R.ADDRESS_REJECTED_BY_LIST_PROTECTION, f"The address {why}"
+    profile: dict[str, Any] = {}
+    missing: list[str] = []
+    for name, spec in plan.lst.fields.items():
+        value = given.get(name, spec.default)
+        if value is None and (spec.mandatory or spec.type == "boolean"):
+            missing.append(name)
+        elif value is not None:
+            profile[name] = value
+    if missing:
+        return R.PROFILE_VALIDATION_ERROR, "Missing value for " + ", ".join(
+            f"{'mandatory' if plan.lst.fields[m].mandatory else 'boolean'} field {m}"
+            for m in missing
+        )
+    return profile
+
+
+def columns_from_objects(objs: list[Any], plan: JobPlan) -> RecipColumns:
+    """Parsed ``recip`` objects → columns, judging each profile as the platform does.
+
+    Used for recipients that come as JSON (the sandbox, per-row profile
+    objects): flags keep their JSON spelling, profile values are checked
+    against the list's fields and the job's on-demand merge fields.
+    """
+    from pipeline.engine.subscribe import _type_problem
+
+    n = len(objs)
+    emails: list[str | None] = []
+    flags: dict[str, list[str | None]] = {f: [] for f in FLAG_NAMES}
+    errors: list[str | None] = []
+    invalid = np.zeros(n, dtype=bool)
+    known = set(plan.lst.fields) | set(plan.job.merge_fields)
+    values: dict[str, list[Any]] = {f: [None] * n for f in known}
+    for i, obj in enumerate(objs):
+        rec = obj if isinstance(obj, dict) else {}
+        email = rec.get("email")
+        emails.append(email if isinstance(email, str) else
+                      None if email is None else orjson.dumps(email).decode())
+        for f in FLAG_NAMES:
+            v = rec.get(f)
+            flags[f].append(None if f not in rec else "true" if v is True else
+                            "false" if v is False else orjson.dumps(v).decode())
+        profile = rec.get("profile", {})
+        if profile is None:
+            profile = {}
+        if not isinstance(profile, dict):
+            invalid[i] = True
+            errors.append(None)
+            continue
+        problems = []
+        for name, value in profile.items():
+            if name not in known:
+                problems.append(f"{name}: not a field of the list nor an on-demand merge field")
+                continue
+            spec = plan.lst.fields.get(name)
+            bad = _type_problem(spec, value) if spec is not None else None
+            if bad and value is not None:
+                problems.append(f"{name}: {bad}")
+            else:
+                values[name][i] = value
+        errors.append("; ".join(problems) or None)
+    profile_cols = {
+        name: pa.array(vals, _arrow_type(plan, name)) for name, vals in values.items()
+    }
+    return RecipColumns(
+        email=pa.array(emails, pa.string()),
+        flags={f: pa.array(v, pa.string()) for f, v in flags.items()},
+        profile=profile_cols,
+        profile_error=pa.array(errors, pa.string()),
+        profile_invalid=invalid,
+    )
+
+
+def _arrow_type(plan: JobPlan, name: str) -> pa.DataType:
+    from pipeline.normalize import arrow_type
+
+    return arrow_type(plan.field_spec(name))
+
+
+def answer_recip(cfg: MailpipeConfig, plan: JobPlan, store: Store, recip: str | None) -> bytes:
+    """The body Maestro answers for a trigger URL's ``recip`` parameter (text as received)."""
+    if recip is None or not recip.strip():
+        return orjson.dumps(R.NO_RECIPIENTS.response())
+    try:
+        data = orjson.loads(recip)
+    except orjson.JSONDecodeError as e:
+        return orjson.dumps(R.PARSE_ERROR.response(str(e)))
+    single = not isinstance(data, list)
+    objs = [data] if single else data
+    if not objs:
+        return orjson.dumps(R.NO_RECIPIENTS.response())
+    answer = evaluate_ondemand(cfg, plan, store, columns_from_objects(objs, plan))
+    if answer.request_error is not None:
+        return orjson.dumps(answer.request_error.response())
+    bodies = answer.bodies()
+    return orjson.dumps(bodies[0] if single else bodies)

@@ -1,0 +1,227 @@
+"""LISTSERV Maestro ``addSubscriberExternally.do``, answered from the store (``002_…``).
+
+One call, one subscriber. The checks, in order:
+
+* the URL parameters are there, name a list and an owner that exist, and
+  ``mSubscriber`` is a JSON object with an email → else ``FAILED`` with
+  ``PARAMETER_VALIDATION_ERROR``;
+* the list takes subscribes (open to everyone, still on the platform) → else
+  ``SUBSCRIBE_NOT_POSSIBLE``;
+* the address is not already subscribed → else ``ALREADY_SUBSCRIBED`` (the
+  profile is ignored);
+* the address is not a member of another list of the same group → else
+  ``AUTHENTICATION_REQUIRED`` with an ``externalSubscribeURL``;
+* the profile names list fields, with values of their type, and every
+  mandatory field without a default → else ``PROFILE_VALIDATION_ERROR`` with
+  one ``details`` entry per field;
+
+and then ``{"result":"SUCCESS"}``: the subscriber is stored as *pending*
+confirmation (never as subscribed), the password only as a salted hash.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import pyarrow as pa
+
+from pipeline.config import ListConfig, MailpipeConfig, ProfileField
+from pipeline.emails import check_emails
+from pipeline.errors import SubscribeFailure as F
+from pipeline.store import Store, email_key, hash_password, profile_json
+
+__all__ = ["SubscribeCall", "evaluate_subscribe", "find_list", "profile_problems"]
+
+SUCCESS: dict[str, Any] = {"result": "SUCCESS"}
+SubscribeCall = dict[
+    str, Any
+]  # mContainer, mOwner, mListId (strings), mSubscriber (text or object)
+
+
+def find_list(cfg: MailpipeConfig, call: SubscribeCall) -> tuple[str | None, str | None]:
+    """(list name, None) for the call's identifiers, or (None, what is wrong)."""
+    for p in ("mContainer", "mOwner", "mListId", "mSubscriber"):
+        if call.get(p) in (None, ""):
+            return None, f"Missing parameter {p}"
+    owners = {lst.mOwner for lst in cfg.lists.values()}
+    if call["mOwner"] not in owners:
+        return None, f"Owner {call['mOwner']} does not exist"
+    for name, lst in cfg.lists.items():
+        if (lst.mContainer, lst.mOwner, lst.mListId) == (
+            call["mContainer"],
+            call["mOwner"],
+            call["mListId"],
+        ):
+            return name, None
+    return None, f"List {call['mListId']} not found in list group {call['mContainer']}"
+
+
+def profile_problems(
+    fields: dict[str, ProfileField], profile: Any, need_mandatory: bool = True
+) -> tuple[dict[str, Any], list[str]]:
+    """(stored profile with defaults, one problem per field)."""
+    if profile is None:
+        profile = {}
+    if not isinstance(profile, dict):
+        return {}, ["profile: not a JSON object"]
+    problems: list[str] = []
+    stored: dict[str, Any] = {}
+    for name, value in profile.items():
+        spec = fields.get(name)
+        if spec is None:
+            problems.append(f"{name}: unknown profile field")
+            continue
+        bad = _type_problem(spec, value)
+        if bad:
+            problems.append(f"{name}: {bad}")
+        elif value is not None:
+            stored[name] = value
+    for name, spec in fields.items():
+        if name in stored or name in profile:
+            continue
+        if spec.default is not None:
+            stored[name] = spec.default
+        elif need_mandatory and (spec.mandatory or spec.type == "boolean"):
+            problems.append(f"{name}: mandatory field has no value")
+    return stored, problems
+
+
+def _type_problem(spec: ProfileField, value: Any) -> str | None:
+    if value is None:
+        return "mandatory field has no value" if spec.mandatory else None
+    if spec.type == "number":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{value!r} is not an integer"
+    if spec.type == "boolean":
+        return None if isinstance(value, bool) else f"{value!r} is not a boolean"
+    if spec.type == "multi-select":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"{value!r} is not a list of values"
+        unknown = [v for v in value if v not in spec.lookup]
+        return f"{unknown} not among the lookup values" if unknown else None
+    if not isinstance(value, str):
+        return f"{value!r} is not text"
+    if spec.type == "single-select" and value not in spec.lookup:
+        return f"{value!r} is not one of the lookup values"
+    if spec.mandatory and not value.strip():
+        return "mandatory field has no value"
+    return None
+
+
+def external_subscribe_url(base: str | None, lst: ListConfig, email: str) -> str:
+    server = (base or "https://maestro.example.com").rstrip("/")
+    return (
+        f"{server}/list/subscribe.html?mContainer={quote(lst.mContainer or '', safe='')}"
+        f"&mOwner={quote(lst.mOwner or '', safe='')}&mListId={quote(lst.mListId or '', safe='')}"
+        f"&email={quote(email, safe='')}"
+    )
+
+
+def evaluate_subscribe(
+    cfg: MailpipeConfig, store: Store, calls: list[SubscribeCall], base_url: str | None = None
+) -> list[dict[str, Any]]:
+    """Answer each call in order; the store is updated in one transaction."""
+    answers: list[dict[str, Any]] = []
+    emails: list[str | None] = []
+    subscribers: list[dict[str, Any] | None] = []
+    lists: list[str | None] = []
+    for call in calls:
+        name, problem = find_list(cfg, call)
+        sub = call.get("mSubscriber")
+        if problem is None and isinstance(sub, str):
+            try:
+                sub = orjson.loads(sub)
+            except orjson.JSONDecodeError:
+                problem = "mSubscriber is not valid JSON"
+        if problem is None and not isinstance(sub, dict):
+            problem = "mSubscriber is not a JSON object"
+        answers.append(F.PARAMETER_VALIDATION_ERROR.response(problem) if problem else {})
+        subscribers.append(sub if isinstance(sub, dict) else None)
+        lists.append(name)
+        email = sub.get("email") if isinstance(sub, dict) else None
+        emails.append(email if isinstance(email, str) else None)
+    verdict = check_emails(pa.array(emails, pa.string()))
+    problems = verdict.problem.to_pylist()
+    cleaned = verdict.email.to_pylist()
+    keys = [email_key(e) if e else "" for e in cleaned]
+    groups = {n: lst.group for n, lst in cfg.lists.items()}
+    with store.begin() as conn:
+        known = store.subscribers_of(conn, list(cfg.lists), [k for k in keys if k])
+        writes: list[dict[str, Any]] = []
+        for i, ans in enumerate(answers):
+            if ans:
+                continue
+            name = lists[i]
+            assert name is not None
+            lst = cfg.lists[name]
+            answers[i] = _judge(
+                cfg,
+                name,
+                lst,
+                subscribers[i] or {},
+                problems[i],
+                cleaned[i],
+                keys[i],
+                known,
+                groups,
+                base_url,
+                writes,
+            )
+        store.upsert_subscribers(conn, writes)
+    return answers
+
+
+def _judge(
+    cfg: MailpipeConfig,
+    name: str,
+    lst: ListConfig,
+    sub: dict[str, Any],
+    problem: str | None,
+    email: str | None,
+    key: str,
+    known: dict[tuple[str, str], dict[str, Any]],
+    groups: dict[str, str | None],
+    base_url: str | None,
+    writes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    if not lst.subscribe_open or name in cfg.simulate.missing_lists:
+        return F.SUBSCRIBE_NOT_POSSIBLE.response(
+            f"List {lst.mListId} is not open for subscribes"
+            if lst.subscribe_open
+            else f"Subscribes to list {lst.mListId} are not allowed"
+        )
+    if problem == "MISSING_EMAIL":
+        return F.PARAMETER_VALIDATION_ERROR.response("Missing email address")
+    if problem == "INVALID_EMAIL" or email is None:
+        return F.PARAMETER_VALIDATION_ERROR.response(f"Invalid email address: {sub.get('email')}")
+    row = known.get((name, key))
+    if row is not None and row["state"] == "subscribed":
+        return F.ALREADY_SUBSCRIBED.response("The address is already subscribed to the list")
+    if lst.group and any(
+        other != name
+        and g == lst.group
+        and known.get((other, key), {}).get("state") == "subscribed"
+        for other, g in groups.items()
+    ):
+        return F.AUTHENTICATION_REQUIRED.response(
+            "The address is already registered in the list group; the subscriber must "
+            "authenticate to subscribe",
+            external_subscribe_url=external_subscribe_url(base_url, lst, email),
+        )
+    stored, details = profile_problems(lst.fields, sub.get("profile"))
+    if details:
+        return F.PROFILE_VALIDATION_ERROR.response("Profile validation error", details)
+    password = sub.get("password")
+    entry = {
+        "list": name,
+        "email_key": key,
+        "email": email,
+        "state": "pending",
+        "profile": profile_json(stored),
+        "password_hash": hash_password(password) if isinstance(password, str) else None,
+    }
+    writes.append(entry)
+    known[(name, key)] = {**entry, "bounces": 0, "suspended": False}
+    return dict(SUCCESS)

@@ -1,0 +1,376 @@
+"""The state store: SQLAlchemy Core tables over SQLite (default) or PostgreSQL.
+
+It holds what the platforms would know, for the simulate engine and the
+sandbox — per list the subscribers' profile values and subscription state,
+the global suppression list, Maestro mail-job states, Yesmail subscribers and
+their subscriptions (divisions) — and, for every mode, the ledger of what was
+sent (see :mod:`pipeline.ledger`).
+
+The schema is created on first use and carries a version in ``meta``; a store
+written by a newer mailpipe is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from pipeline.errors import ConfigError, MailpipeError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SUBSCRIBER_STATES",
+    "Store",
+    "email_key",
+    "hash_password",
+    "verify_password",
+]
+
+SCHEMA_VERSION = 1
+SUBSCRIBER_STATES = ("subscribed", "pending", "unsubscribed", "bounced")
+_IN_CHUNK = 900
+_PBKDF2_ROUNDS = 100_000
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+subscribers = sa.Table(
+    "subscribers",
+    metadata,
+    sa.Column("list", sa.String(200), primary_key=True),
+    sa.Column("email_key", sa.String(320), primary_key=True),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("bounces", sa.Integer, nullable=False, default=0),
+    sa.Column("suspended", sa.Boolean, nullable=False, default=False),
+    sa.Column("profile", sa.Text, nullable=False, default="{}"),
+    sa.Column("password_hash", sa.Text),
+    sa.Column("updated", sa.String(32), nullable=False),
+)
+sa.Index("subscribers_by_email", subscribers.c.email_key)
+suppression = sa.Table(
+    "suppression",
+    metadata,
+    sa.Column("email_key", sa.String(320), primary_key=True),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("added_at", sa.String(32), nullable=False),
+)
+mail_jobs = sa.Table(
+    "mail_jobs",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("state", sa.String(32), nullable=False),
+)
+mail_counts = sa.Table(
+    "mail_counts",
+    metadata,
+    sa.Column("grp", sa.String(200), primary_key=True),
+    sa.Column("email_key", sa.String(320), primary_key=True),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("sent", sa.Integer, nullable=False),
+)
+ym_subscribers = sa.Table(
+    "ym_subscribers",
+    metadata,
+    sa.Column("email_key", sa.String(320), primary_key=True),
+    sa.Column("id", sa.String(320)),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attrs", sa.Text, nullable=False, default="{}"),
+)
+ym_subscriptions = sa.Table(
+    "ym_subscriptions",
+    metadata,
+    sa.Column("email_key", sa.String(320), primary_key=True),
+    sa.Column("division", sa.String(200), primary_key=True),
+)
+
+
+def email_key(email: str) -> str:
+    """How the store matches addresses: case-insensitively."""
+    return email.strip().lower()
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def hash_password(password: str) -> str:
+    """Salted PBKDF2-SHA256; only this ever reaches the store."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, _PBKDF2_ROUNDS)
+    return f"pbkdf2_sha256${_PBKDF2_ROUNDS}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    algo, rounds, salt, digest = stored.split("$")
+    if algo != "pbkdf2_sha256":
+        return False
+    got = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt), int(rounds))
+    return secrets.compare_digest(got.hex(), digest)
+
+
+class Store:
+    """Open (and if needed create) the store at a SQLAlchemy URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: Engine = sa.create_engine(url, future=True)
+        except (sa.exc.ArgumentError, ImportError) as e:
+            raise ConfigError(
+                "store.url",
+                f"cannot use {_safe_url(url)!r} ({e}); write e.g. "
+                '"sqlite:///state/mailpipe.db" or "postgresql+psycopg://host/db"',
+            ) from None
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._ensure_schema()
+
+    def _ensure_schema(self) -> None:
+        try:
+            metadata.create_all(self.engine)
+        except sa.exc.OperationalError as e:
+            raise MailpipeError(
+                f"store {_safe_url(self.url)}: cannot open ({e.orig}); check "
+                "store.url and that the directory is writable"
+            ) from None
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).first()
+            if row is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise MailpipeError(
+                    f"store {_safe_url(self.url)} has schema version {row[0]}, "
+                    f"newer than this mailpipe ({SCHEMA_VERSION}); upgrade mailpipe"
+                )
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- lookups (one query per chunk of keys, never one per row) -------------------
+
+    def subscribers_of(
+        self, conn: Connection, lists: Sequence[str], keys: Iterable[str]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """(list, email_key) → subscriber row, for the given lists and keys."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for part in _chunks(sorted(set(keys))):
+            q = sa.select(subscribers).where(
+                subscribers.c.list.in_(list(lists)), subscribers.c.email_key.in_(part)
+            )
+            for row in conn.execute(q).mappings():
+                out[(row["list"], row["email_key"])] = dict(row)
+        return out
+
+    def suppressed(self, conn: Connection, keys: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        for part in _chunks(sorted(set(keys))):
+            q = sa.select(suppression.c.email_key).where(suppression.c.email_key.in_(part))
+            found.update(r[0] for r in conn.execute(q))
+        return found
+
+    def mail_job_state(self, conn: Connection, job_id: str) -> str | None:
+        row = conn.execute(sa.select(mail_jobs.c.state).where(mail_jobs.c.id == job_id)).first()
+        return None if row is None else str(row[0])
+
+    def sync_mail_jobs(self, states: dict[str, str]) -> None:
+        """Make the store's mail jobs those of the config (simulate section)."""
+        with self.begin() as conn:
+            conn.execute(mail_jobs.delete())
+            if states:
+                conn.execute(mail_jobs.insert(), [{"id": k, "state": v} for k, v in states.items()])
+
+    def sent_today(
+        self, conn: Connection, group: str, keys: Iterable[str], day: str
+    ) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in _chunks(sorted(set(keys))):
+            q = sa.select(mail_counts.c.email_key, mail_counts.c.sent).where(
+                mail_counts.c.grp == group,
+                mail_counts.c.day == day,
+                mail_counts.c.email_key.in_(part),
+            )
+            out.update({r[0]: int(r[1]) for r in conn.execute(q)})
+        return out
+
+    def count_sends(self, conn: Connection, group: str, keys: Sequence[str], day: str) -> None:
+        counts: dict[str, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        before = self.sent_today(conn, group, counts, day)
+        for k, n in counts.items():
+            if k in before:
+                conn.execute(
+                    mail_counts.update()
+                    .where(
+                        mail_counts.c.grp == group,
+                        mail_counts.c.email_key == k,
+                        mail_counts.c.day == day,
+                    )
+                    .values(sent=before[k] + n)
+                )
+            else:
+                conn.execute(mail_counts.insert().values(grp=group, email_key=k, day=day, sent=n))
+
+    def ym_state(
+        self, conn: Connection, keys: Iterable[str]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, set[str]]]:
+        """Yesmail subscribers and their divisions, by email key."""
+        subs: dict[str, dict[str, Any]] = {}
+        divs: dict[str, set[str]] = {}
+        for part in _chunks(sorted(set(keys))):
+            for row in conn.execute(
+                sa.select(ym_subscribers).where(ym_subscribers.c.email_key.in_(part))
+            ).mappings():
+                subs[row["email_key"]] = dict(row)
+            for k, d in conn.execute(
+                sa.select(ym_subscriptions).where(ym_subscriptions.c.email_key.in_(part))
+            ):
+                divs.setdefault(k, set()).add(d)
+        return subs, divs
+
+    # -- writes -----------------------------------------------------------------------
+
+    def upsert_subscribers(
+        self, conn: Connection, rows: Sequence[dict[str, Any]]
+    ) -> tuple[int, int]:
+        """Insert or update subscribers; returns (inserted, changed)."""
+        if not rows:
+            return 0, 0
+        existing = self.subscribers_of(
+            conn, sorted({r["list"] for r in rows}), [r["email_key"] for r in rows]
+        )
+        inserted = changed = 0
+        fields = ("email", "state", "bounces", "suspended", "profile", "password_hash")
+        new_rows = []
+        for r in rows:
+            old = existing.get((r["list"], r["email_key"]))
+            if old is None:
+                new_rows.append({**r, "updated": now()})
+                existing[(r["list"], r["email_key"])] = r
+                inserted += 1
+            elif any(r.get(f, old.get(f)) != old.get(f) for f in fields):
+                values = {f: r[f] for f in fields if f in r}
+                conn.execute(
+                    subscribers.update()
+                    .where(
+                        subscribers.c.list == r["list"],
+                        subscribers.c.email_key == r["email_key"],
+                    )
+                    .values(**values, updated=now())
+                )
+                existing[(r["list"], r["email_key"])] = {**old, **values}
+                changed += 1
+        if new_rows:
+            defaults = {"bounces": 0, "suspended": False, "profile": "{}", "password_hash": None}
+            conn.execute(subscribers.insert(), [{**defaults, **r} for r in new_rows])
+        return inserted, changed
+
+    def upsert_suppression(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        have = {r["email_key"] for r in rows} & self.suppressed(
+            conn, [r["email_key"] for r in rows]
+        )
+        unique: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            if r["email_key"] not in have:
+                unique.setdefault(r["email_key"], r)
+        if unique:
+            conn.execute(suppression.insert(), list(unique.values()))
+        return len(unique)
+
+    def set_ym_subscriptions(self, conn: Connection, key: str, divisions: Iterable[str]) -> bool:
+        want = set(divisions)
+        _, have = self.ym_state(conn, [key])
+        if have.get(key, set()) == want:
+            return False
+        conn.execute(ym_subscriptions.delete().where(ym_subscriptions.c.email_key == key))
+        if want:
+            conn.execute(
+                ym_subscriptions.insert(), [{"email_key": key, "division": d} for d in sorted(want)]
+            )
+        return True
+
+    def upsert_ym_subscriber(self, conn: Connection, key: str, values: dict[str, Any]) -> None:
+        row = conn.execute(
+            sa.select(ym_subscribers.c.email_key).where(ym_subscribers.c.email_key == key)
+        ).first()
+        if row is None:
+            conn.execute(ym_subscribers.insert().values(email_key=key, **values))
+        else:
+            conn.execute(
+                ym_subscribers.update().where(ym_subscribers.c.email_key == key).values(**values)
+            )
+
+    # -- listing ----------------------------------------------------------------------
+
+    def iter_subscribers(self, list_name: str) -> Iterator[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            q = (
+                sa.select(subscribers)
+                .where(subscribers.c.list == list_name)
+                .order_by(subscribers.c.email_key)
+            )
+            for row in conn.execute(q).mappings():
+                yield dict(row)
+
+    def iter_suppression(self) -> Iterator[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            for row in conn.execute(
+                sa.select(suppression).order_by(suppression.c.email_key)
+            ).mappings():
+                yield dict(row)
+
+    def ym_divisions(self, key: str) -> set[str]:
+        with self.engine.connect() as conn:
+            return self.ym_state(conn, [key])[1].get(key, set())
+
+
+def profile_json(profile: dict[str, Any]) -> str:
+    return orjson.dumps(profile, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _chunks(keys: Sequence[str]) -> Iterator[list[str]]:
+    for i in range(0, len(keys), _IN_CHUNK):
+        yield list(keys[i : i + _IN_CHUNK])
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _safe_url(url: str) -> str:
+    """A store URL without its password, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url.split("@")[-1]
