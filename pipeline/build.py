@@ -86,9 +86,7 @@ def _write_batch(
     number = counter.take(builder.target)
     bid = batch_id(builder.target, number)
     head, tail = builder.envelope(bid)
-    run.write_bytes(
-        run.batch_file(bid, "request").relative_to(run.path), head + join_items(batch.items) + tail
-    )
+    run.write_batch_file(bid, "request", head + join_items(batch.items) + tail)
     n = len(batch.recs)
     out.write_batch(
         pa.record_batch(

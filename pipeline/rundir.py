@@ -77,6 +77,18 @@ class RunDir:
         d.mkdir(parents=True, exist_ok=True)
         return d / f"{name}.arrow"
 
+    def write_batch_file(self, batch_id: str, kind: str, data: bytes) -> None:
+        """A request or response file, written in place.
+
+        Batch files are many and each is rewritten whole from the stage files
+        if a stage runs again, so they skip the rename that the other files
+        use (it costs more than the write on some filesystems).
+        """
+        path = self.batch_file(batch_id, kind)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+
     def batch_file(self, batch_id: str, kind: str) -> Path:
         return self.path / "batches" / f"{batch_id}.{kind}.json"
 

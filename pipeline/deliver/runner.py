@@ -91,7 +91,7 @@ def _send(
 ) -> None:
     for batch, (response, outcomes) in zip(group, backend.send_many(group)):
         if response is not None:
-            run.write_bytes(run.batch_file(batch.id, "response").relative_to(run.path), response)
+            run.write_batch_file(batch.id, "response", response)
         out.write_table(outcomes.cast(OUTCOME_SCHEMA))
         progress("deliver", batch.rows.num_rows)
 

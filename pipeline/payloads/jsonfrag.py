@@ -51,11 +51,16 @@ def member(name: str, value_json: pa.Array) -> pa.Array:
 
 
 def join_members(members: list[pa.Array], n: int) -> pa.Array:
-    """Comma-join the non-null members of each row ("" when all are null)."""
+    """Comma-join the non-null members of each row ("" when all are null).
+
+    Not with ``null_handling="skip"``: Arrow leaves the rows whose members are all null
+    out of that result (a shorter array), so each member brings its own comma instead
+    and the last one is cut off.
+    """
     if not members:
         return pa.array([""] * n, pa.string())
-    opts = pc.JoinOptions(null_handling="skip")
-    return pc.binary_join_element_wise(*members, ",", options=opts)
+    pieces = [pc.fill_null(pc.binary_join_element_wise(m, ",", ""), "") for m in members]
+    return pc.utf8_slice_codeunits(pc.binary_join_element_wise(*pieces, ""), 0, -1)
 
 
 def obj(members: list[pa.Array], n: int) -> pa.Array:

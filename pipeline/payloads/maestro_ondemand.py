@@ -113,4 +113,3 @@ def merge_profile_json(profile: pa.Array, extra: pa.Array) -> pa.Array:
     mask = np.zeros(len(profile), dtype=bool)
     mask[idx] = True
     return pc.replace_with_mask(profile, pa.array(mask), pa.array(fixed, pa.string()))
-
