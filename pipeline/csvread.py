@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["read_csv"]
 
-_NL, _CR, _BACKSLASH = 10, 13, 0x5C
+_NL, _CR, _BACKSLASH, _DQUOTE = 10, 13, 0x5C, 0x22
 STDLIB_BATCH = 65536
 NOT_UTF8 = "bytes that are not UTF-8{where}; re-save the file as UTF-8 or set the source's encoding"
 
@@ -75,23 +75,30 @@ def read_csv(
         if skip_header:
             starts, ends, lines, skip_header = starts[1:], ends[1:], lines[1:], False
         blank = ends == starts
-        stats.blank_lines += int(np.count_nonzero(blank))
-        if blank.any():
+        n_blank = int(np.count_nonzero(blank))
+        if n_blank:
             starts, ends, lines = starts[~blank], ends[~blank], lines[~blank]
         if starts.size == 0:
+            stats.blank_lines += n_blank
             continue
+        # on a fallback the stdlib reader re-reads (and counts) the blank lines after
+        # the block's first record; only those before it are counted here
+        lead_blank = int(np.argmax(~blank))
         qpos = np.flatnonzero(block.arr == ctx.quote)
         if not _quotes_regular(block.arr, qpos, ctx.delim, ctx.quote):
+            stats.blank_lines += lead_blank
             rest = itertools.chain([block.data[int(starts[0]) :]], scanner.rest())
             for batch in _stdlib_batches(rest, int(lines[0]), ctx, stats):
                 yield make_batch(*batch)
             return
         fast = _fast_block(block, qpos, starts, ends, lines, ctx)
         if fast is None:  # pyarrow split records differently: let the stdlib decide
+            stats.blank_lines += lead_blank
             rest = itertools.chain([block.data[int(starts[0]) :]], scanner.rest())
             for batch in _stdlib_batches(rest, int(lines[0]), ctx, stats):
                 yield make_batch(*batch)
             return
+        stats.blank_lines += n_blank
         yield make_batch(*fast)
 
 
@@ -146,7 +153,8 @@ def _fast_block(
     if block.final and qpos[qpos >= lo].size & 1:
         reasons[n - 1] = (
             "unterminated quote: this record runs to the end of the file "
-            f"({int(np.count_nonzero(arr[lo:] == _NL)) + 1} lines from here)"
+            f"({int(np.count_nonzero(arr[int(starts[-1]) : arr.size - 1] == _NL)) + 1} "
+            "lines from here)"
         )
     utf8_ok = _find_undecodable(data, starts, ends, reasons)
     good = np.fromiter((r is None for r in reasons), dtype=bool, count=n)
@@ -156,7 +164,12 @@ def _fast_block(
     esc[
         rec_of(np.flatnonzero(((arr < 0x20) & (arr != _NL) & (arr != _CR)) | (arr == _BACKSLASH)))
     ] = True
-    esc[rec_of(qpos[:-1][np.diff(qpos) == 1])] = True
+    # a doubled quote inside a quoted value closes (odd quote) and reopens at once;
+    # an empty quoted value ("") opens (even quote) and closes at once and needs nothing
+    pairs = np.flatnonzero(np.diff(qpos) == 1)
+    esc[rec_of(qpos[pairs[(pairs & 1) == 1]])] = True
+    if ctx.quote != _DQUOTE:
+        esc[rec_of(np.flatnonzero(arr == _DQUOTE))] = True
     if qpos.size:
         breaks = np.flatnonzero((arr == _NL) | (arr == _CR))
         esc[rec_of(breaks[inside_quotes(breaks)])] = True
@@ -250,6 +263,8 @@ def _raw_array(data: bytes, starts: np.ndarray, ends: np.ndarray, utf8_ok: bool)
 def _parse_with_arrow(block: bytes | memoryview, ctx: _Ctx) -> pa.Table | None:
     names = [f"c{i}" for i in range(ctx.ncols)]
     wanted = sorted(set(ctx.colmap.values()))
+    if bytes(block[:3]) == codecs.BOM_UTF8:  # a value, not a byte-order mark pyarrow would drop
+        block = b"\n" + bytes(block)
     for block_size in (1 << 20, len(block) + 1):
         try:
             return pacsv.read_csv(
@@ -300,6 +315,8 @@ def _stdlib_batches(
     Rare, and correctness matters more than speed here: each malformed record
     becomes a reject with its own line, and reading goes on.
     """
+    # the fast path reads a field of any size; so must the fallback (default: 128 KiB)
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     consumed: list[str] = []
 
     def physical_lines() -> Iterator[str]:
@@ -348,8 +365,10 @@ def _stdlib_batches(
         if err is not None:
             reasons.append(f"malformed CSV quoting ({err})")
             row = None
-        elif any("\udc80" <= ch <= "\udcff" for ch in raw):
-            reasons.append(NOT_UTF8.format(where=""))
+        elif (bad := next((i for i, ch in enumerate(raw) if "\udc80" <= ch <= "\udcff"), -1)) >= 0:
+            # the same text as the fast path gives: the record's first bad byte
+            at = len(raw[:bad].encode("utf-8", "surrogateescape")) + 1
+            reasons.append(NOT_UTF8.format(where=f" at byte {at}"))
             row = None
         elif row is None or len(row) != ctx.ncols:
             reasons.append(f"row has {len(row or [])} fields, the header has {ctx.ncols}")

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import orjson
@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.config import SourceConfig
 from pipeline.csvread import read_csv
 from pipeline.errors import InputFileError
-from pipeline.textblocks import BlockScanner, text_chunks
+from pipeline.textblocks import Block, BlockScanner, text_chunks
 
 __all__ = [
     "BLOCK_BYTES",
@@ -213,15 +213,21 @@ def _read_jsonl(
 ) -> Iterator[pa.RecordBatch]:
     cols = source.columns()
     names = schema.names[len(PROVENANCE) :]
+    head: list[Block] = []
     try:
         blocks = iter(BlockScanner(text_chunks(path, source.encoding, block_bytes, hasher), None))
-        first = next(blocks, None)
+        # the first lines decide whether this is JSON Lines at all, however small the blocks
+        tried = 0
+        for block in blocks:
+            head.append(block)
+            tried = _check_jsonl_start(path, block.data, block.starts, block.ends, tried)
+            if tried < 0:
+                break
     except ValueError as e:
         raise InputFileError(path, str(e)) from None
-    if first is None:
-        return
-    _check_jsonl_start(path, first.data, first.starts, first.ends)
-    for block in itertools.chain([first], blocks):
+    if tried > 0:
+        _not_jsonl(path, tried)
+    for block in itertools.chain(head, blocks):
         data = block.data
         out_lines: list[int] = []
         raws: list[str] = []
@@ -249,40 +255,48 @@ def _read_jsonl(
                 values[internal].append(_json_text(row.get(cols[internal])) if row else None)
         if not out_lines:
             continue
-        raw = pa.array(raws, pa.string())
-        esc = pc.fill_null(pc.match_substring(raw, "\\"), False)
+        arrays = {k: pa.array(v, pa.string()) for k, v in values.items()}
+        # from the values, not the line: an array or object value is JSON text with quotes
         yield make_batch(
             schema,
             file_id,
             np.array(out_lines, dtype=np.int64),
-            raw,
-            esc,
+            pa.array(raws, pa.string()),
+            needs_escape(*arrays.values()),
             pa.array(reasons, pa.string()),
-            {k: pa.array(v, pa.string()) for k, v in values.items()},
+            arrays,
         )
 
 
-def _check_jsonl_start(path: str, data: bytes, starts: np.ndarray, ends: np.ndarray) -> None:
-    """Fail the file when none of its first lines is a JSON object (a CSV named .jsonl)."""
-    tried = 0
+def _check_jsonl_start(
+    path: str, data: bytes, starts: np.ndarray, ends: np.ndarray, tried: int
+) -> int:
+    """Go on checking the first lines of a file, ``tried`` non-blank ones so far.
+
+    Returns -1 once a line is a JSON object, else the lines tried; fails the file
+    when none of its first 10 non-blank lines is one (a CSV named .jsonl).
+    """
     for s, e in zip(starts.tolist(), ends.tolist()):
         chunk = data[s:e]
         if not chunk.strip():
             continue
         try:
             if isinstance(orjson.loads(chunk), dict):
-                return
+                return -1
         except orjson.JSONDecodeError:
             pass
         tried += 1
         if tried == 10:
-            break
-    if tried:
-        raise InputFileError(
-            path,
-            f"none of the first {tried} lines is a JSON object; is this "
-            'a JSON Lines file? Set format = "csv" on the source if it is CSV',
-        )
+            _not_jsonl(path, tried)
+    return tried
+
+
+def _not_jsonl(path: str, tried: int) -> NoReturn:
+    raise InputFileError(
+        path,
+        f"none of the first {tried} lines is a JSON object; is this "
+        'a JSON Lines file? Set format = "csv" on the source if it is CSV',
+    )
 
 
 def _json_text(v: object) -> str | None:

@@ -68,7 +68,10 @@ class BlockScanner:
             self._carry = self._pending = b""
             final = nxt is None
             if not data:
-                return
+                if final:
+                    return
+                self._pending = nxt or b""  # an empty chunk (a decoder still mid-character)
+                continue
             arr = np.frombuffer(data, dtype=np.uint8)
             nl = np.flatnonzero(arr == _NL)
             if self._quote is not None:
@@ -115,7 +118,9 @@ def text_chunks(
     enc = codecs.lookup(encoding).name
     with open(path, "rb") as raw_fh:
         fh = _Hashing(raw_fh, hasher)
-        head = fh.read(min(SNIFF_BYTES, block_bytes))
+        # sniff a fixed amount whatever the block size, so that what is detected (BOM,
+        # UTF-16, NUL bytes) does not depend on it; it is still handed on in blocks
+        head = fh.read(SNIFF_BYTES)
         if enc == "utf-8":
             if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
                 raise ValueError(
@@ -128,7 +133,7 @@ def text_chunks(
                     "binary data (NUL bytes), not a text file; "
                     "check that this is the CSV/JSONL export"
                 )
-            yield head
+            yield from _pieces(head, block_bytes)
             while chunk := fh.read(block_bytes):
                 yield chunk
             return
@@ -136,12 +141,17 @@ def text_chunks(
         first = decoder.decode(head).removeprefix("\ufeff")
         if "\x00" in first:
             raise ValueError(f"binary data (NUL bytes) after decoding as {enc}")
-        yield first.encode("utf-8")
+        yield from _pieces(first.encode("utf-8"), block_bytes)
         while chunk := fh.read(block_bytes):
             yield decoder.decode(chunk).encode("utf-8")
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail.encode("utf-8")
+
+
+def _pieces(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
 
 
 class _Hashing:
