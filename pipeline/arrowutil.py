@@ -25,10 +25,16 @@ def is_ascii(col: pa.Array) -> bool:
     return data.size == 0 or int(data.max()) < 0x80
 
 
+# the ASCII characters utf8_trim_whitespace strips (as Python's str.strip does):
+# ascii_trim_whitespace leaves out the separators U+001C..U+001F, and a value must
+# not be trimmed differently because another row of its column is not ASCII
+_ASCII_SPACE = " \t\n\v\f\r\x1c\x1d\x1e\x1f"
+
+
 def trim(col: pa.Array) -> pa.Array:
-    """Strip surrounding whitespace (Unicode White_Space when the column is not ASCII)."""
+    """Strip surrounding whitespace, the same set as Python's ``str.strip()``, for every row."""
     if is_ascii(col):
-        return pc.ascii_trim_whitespace(col)
+        return pc.ascii_trim(col, characters=_ASCII_SPACE)
     return pc.utf8_trim_whitespace(col)
 
 

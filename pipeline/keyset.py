@@ -105,9 +105,10 @@ class SeenKeys:
         first = np.full(n, -1, dtype=np.int64)
         if n == 0:
             return first
-        # sorted by the first number only: equal first numbers with different
-        # second ones need a 64-bit hash collision, and are still told apart below
-        order = np.argsort(h1, kind="stable")
+        # sorted by both numbers (stable): exact keys share the first one whenever
+        # their digits do ("1001", "#1001", "01001"), so equal keys must be made
+        # adjacent by the second one too
+        order = np.lexsort((h2, h1))
         s1, s2 = h1[order], h2[order]
         same_as_prev = np.zeros(n, dtype=bool)
         same_as_prev[1:] = (s1[1:] == s1[:-1]) & (s2[1:] == s2[:-1])
