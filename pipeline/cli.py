@@ -25,6 +25,7 @@ from pipeline.config import MailpipeConfig, check_config, load_config
 from pipeline.errors import MailpipeError
 from pipeline.logs import configure_logging, progress_display
 from pipeline.run import RunOutcome, open_run, outcome_of, run_pipeline, run_stage
+from pipeline.rundir import STAGES, RunDir
 from pipeline.store import Store
 from pipeline.subscribers import (
     ImportReport,
@@ -33,7 +34,6 @@ from pipeline.subscribers import (
     import_suppression,
     write_suppression,
 )
-from pipeline.rundir import STAGES, RunDir
 
 __all__ = ["main"]
 
@@ -278,8 +278,13 @@ def subscribers() -> None:
 
 @subscribers.command("import")
 @config_option
-@click.option("--list", "list_name", default=None, metavar="NAME",
-              help="The list the rows belong to (else the file's 'list' column).")
+@click.option(
+    "--list",
+    "list_name",
+    default=None,
+    metavar="NAME",
+    help="The list the rows belong to (else the file's 'list' column).",
+)
 @click.argument("file", type=click.Path(dir_okay=False))
 @handle_errors
 def subscribers_import(config_path: str, list_name: str | None, file: str) -> None:

@@ -20,7 +20,8 @@ from pipeline.arrowutil import to_bool_np
 
 __all__ = ["KeyHasher", "SeenKeys"]
 
-_HASHED = np.uint64(1 << 63)  # marks h2 of a hashed key, apart from prefix ids
+_HASHED = np.uint64(1 << 63)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # marks h2 of a hashed key, apart from prefix ids
 _NOT_DIGITS = "".join(chr(c) for c in range(32, 127) if not chr(c).isdigit())
 
 
@@ -71,8 +72,11 @@ class KeyHasher:
                 dtype=np.uint64,
             )
             pid = ids[enc.indices.to_numpy(zero_copy_only=False)]
-            h1[idx] = numbers.astype(np.uint64)
             h2[idx] = (pid << np.uint64(8)) | width.astype(np.uint64)
+            # mixing in the prefix keeps (h1, h2) exact (a bijection for each h2) while
+            # 1001 and #1001 get different first numbers, so sorted runs rarely tie
+            with np.errstate(over="ignore"):
+                h1[idx] = numbers.astype(np.uint64) ^ (h2[idx] * _GOLDEN)
         rest = np.flatnonzero(~exact)
         if rest.size:
             series = pd.Series(keys.take(pa.array(rest)).to_pandas())

@@ -78,7 +78,9 @@ def start_run(
     files = _assign_inputs(cfg, sources, list(inputs))
     run = RunDir.create(out or cfg.run.out, run_id)
     run.write_json(
-        "stages/config.json", cfg.model_dump(mode="json", exclude={"path"}, exclude_unset=True), private=False
+        "stages/config.json",
+        cfg.model_dump(mode="json", exclude={"path"}, exclude_unset=True),
+        private=False,
     )
     entries: list[dict[str, Any]] = []
     for src in sources:

@@ -255,6 +255,16 @@ class Store:
                 divs.setdefault(k, set()).add(d)
         return subs, divs
 
+    def ym_keys_by_id(self, conn: Connection, ids: Iterable[str]) -> dict[str, str]:
+        """Yesmail customer id → email key, for the given ids that exist."""
+        out: dict[str, str] = {}
+        for part in _chunks(sorted(set(ids))):
+            q = sa.select(ym_subscribers.c.id, ym_subscribers.c.email_key).where(
+                ym_subscribers.c.id.in_(part)
+            )
+            out.update({r[0]: r[1] for r in conn.execute(q)})
+        return out
+
     # -- writes -----------------------------------------------------------------------
 
     def upsert_subscribers(
@@ -268,12 +278,16 @@ class Store:
         )
         inserted = changed = 0
         fields = ("email", "state", "bounces", "suspended", "profile", "password_hash")
-        new_rows = []
+        # the same subscriber twice in one call: applied in order, i.e. the later values win
+        collapsed: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
+            key = (r["list"], r["email_key"])
+            collapsed[key] = {**collapsed.get(key, {}), **r}
+        new_rows = []
+        for r in collapsed.values():
             old = existing.get((r["list"], r["email_key"]))
             if old is None:
                 new_rows.append({**r, "updated": now()})
-                existing[(r["list"], r["email_key"])] = r
                 inserted += 1
             elif any(r.get(f, old.get(f)) != old.get(f) for f in fields):
                 values = {f: r[f] for f in fields if f in r}

@@ -43,8 +43,10 @@ class ImportReport:
     ignored_columns: list[str] = field(default_factory=list)
 
     def line(self, path: str) -> str:
-        text = (f"{path}: {self.rows} rows: {self.added} added, {self.updated} updated, "
-                f"{self.unchanged} unchanged, {len(self.rejects)} rejected")
+        text = (
+            f"{path}: {self.rows} rows: {self.added} added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, {len(self.rejects)} rejected"
+        )
         if self.ignored_columns:
             text += f" (ignored columns: {', '.join(self.ignored_columns)})"
         return text
@@ -90,8 +92,9 @@ def _rows(path: str, columns: list[str]) -> Iterator[dict[str, Any]]:
             yield row
 
 
-def import_subscribers(store: Store, cfg: MailpipeConfig, path: str,
-                       list_name: str | None = None) -> ImportReport:
+def import_subscribers(
+    store: Store, cfg: MailpipeConfig, path: str, list_name: str | None = None
+) -> ImportReport:
     """Upsert the subscribers of a file into the store (one transaction per file)."""
     if list_name is not None and list_name not in cfg.lists:
         raise ConfigError("--list", f"no list {list_name!r}; choose from {', '.join(cfg.lists)}")
@@ -125,8 +128,9 @@ def import_subscribers(store: Store, cfg: MailpipeConfig, path: str,
     return report
 
 
-def _subscriber(cfg: MailpipeConfig, row: dict[str, Any],
-                list_name: str | None) -> tuple[dict[str, Any] | None, str | None]:
+def _subscriber(
+    cfg: MailpipeConfig, row: dict[str, Any], list_name: str | None
+) -> tuple[dict[str, Any] | None, str | None]:
     if row["_reject"]:
         return None, row["_reject"]
     low = {k.strip().lower(): v for k, v in row.items() if not k.startswith("_")}
@@ -160,9 +164,16 @@ def _subscriber(cfg: MailpipeConfig, row: dict[str, Any],
         profile[field_name] = typed[0].as_py()
     subs_text = low.get("subscriptions")
     subs = None if subs_text is None else {s.strip() for s in subs_text.split("|") if s.strip()}
-    return {"list": name, "email_key": email_key(email), "email": email, "state": state,
-            "bounces": bounces, "suspended": suspended_text in _TRUE,
-            "profile": profile_json(profile), "_subscriptions": subs}, None
+    return {
+        "list": name,
+        "email_key": email_key(email),
+        "email": email,
+        "state": state,
+        "bounces": bounces,
+        "suspended": suspended_text in _TRUE,
+        "profile": profile_json(profile),
+        "_subscriptions": subs,
+    }, None
 
 
 def export_subscribers(store: Store, cfg: MailpipeConfig, list_name: str, out: TextIO) -> int:
@@ -175,11 +186,22 @@ def export_subscribers(store: Store, cfg: MailpipeConfig, list_name: str, out: T
     count = 0
     for row in store.iter_subscribers(list_name):
         profile = orjson.loads(row["profile"] or "{}")
-        values = ["|".join(v) if isinstance(v, list) else
-                  ("true" if v is True else "false" if v is False else v)
-                  for v in (profile.get(n, "") for n in names)]
-        writer.writerow([list_name, row["email"], row["state"], row["bounces"],
-                         "true" if row["suspended"] else "false", *values])
+        values = [
+            "|".join(v)
+            if isinstance(v, list)
+            else ("true" if v is True else "false" if v is False else v)
+            for v in (profile.get(n, "") for n in names)
+        ]
+        writer.writerow(
+            [
+                list_name,
+                row["email"],
+                row["state"],
+                row["bounces"],
+                "true" if row["suspended"] else "false",
+                *values,
+            ]
+        )
         count += 1
     return count
 
@@ -196,13 +218,23 @@ def import_suppression(store: Store, path: str) -> ImportReport:
             continue
         verdict = check_emails(pa.array([row.get("email")], pa.string()))
         if verdict.problem[0].as_py():
-            report.rejects.append((row["_line"], f"{verdict.problem[0].as_py()}: "
-                                   f"{verdict.message[0].as_py() or 'email is required'}"))
+            report.rejects.append(
+                (
+                    row["_line"],
+                    f"{verdict.problem[0].as_py()}: "
+                    f"{verdict.message[0].as_py() or 'email is required'}",
+                )
+            )
             continue
         email = verdict.email[0].as_py()
-        good.append({"email_key": email_key(email), "email": email,
-                     "reason": row.get(lower.get("reason", ""), None),
-                     "added_at": row.get(lower.get("added_at", ""), None) or now()})
+        good.append(
+            {
+                "email_key": email_key(email),
+                "email": email,
+                "reason": row.get(lower.get("reason", ""), None),
+                "added_at": row.get(lower.get("added_at", ""), None) or now(),
+            }
+        )
     with store.begin() as conn:
         report.added = store.upsert_suppression(conn, good)
     report.unchanged = len(good) - report.added
@@ -217,4 +249,3 @@ def write_suppression(store: Store, out: TextIO) -> int:
         writer.writerow([row["email"], row["reason"] or "", row["added_at"]])
         count += 1
     return count
-

@@ -35,8 +35,12 @@ def small_config(**overrides: Any) -> MailpipeConfig:
         "store": {"url": "sqlite:///state/test.db"},
         "lists": {
             "shop": {
-                "name": "Shop", "d_from_email": "shop@example.com",
-                "mContainer": "2", "mOwner": "N10", "mListId": "HL#12", "group": "G",
+                "name": "Shop",
+                "d_from_email": "shop@example.com",
+                "mContainer": "2",
+                "mOwner": "N10",
+                "mListId": "HL#12",
+                "group": "G",
                 "fields": {
                     "FIRST_NAME": {"type": "text", "mandatory": True},
                     "LAST_NAME": {"type": "text"},
@@ -49,14 +53,20 @@ def small_config(**overrides: Any) -> MailpipeConfig:
         },
         "sources": {
             "orders": {
-                "kind": "orders", "path": "orders.csv", "email": "email",
+                "kind": "orders",
+                "path": "orders.csv",
+                "email": "email",
                 "record_id": "order_id",
                 "fields": {"FIRST_NAME": "first_name", "LAST_NAME": "last_name"},
             },
         },
         "jobs": {
-            "confirm": {"source": "orders", "target": "maestro-ondemand", "list": "shop",
-                        "ifNotExistsAddAndSend": True},
+            "confirm": {
+                "source": "orders",
+                "target": "maestro-ondemand",
+                "list": "shop",
+                "ifNotExistsAddAndSend": True,
+            },
         },
     }
     for key, value in overrides.items():

@@ -26,8 +26,15 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     ignored = total; indexes 0..n-1 in order; one schema for every line.
     """
     d = Path(run_dir)
-    for name in ("manifest.json", "rejects.jsonl", "results.jsonl", "results.parquet",
-                 "async-results.json", "summary.json", "batches"):
+    for name in (
+        "manifest.json",
+        "rejects.jsonl",
+        "results.jsonl",
+        "results.parquet",
+        "async-results.json",
+        "summary.json",
+        "batches",
+    ):
         assert (d / name).exists(), f"{name} missing from {d}"
     manifest = orjson.loads((d / "manifest.json").read_bytes())
     for key in ("run_id", "config", "inputs", "stages", "counts", "jobs"):
@@ -42,8 +49,12 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         assert row["status"] in STATUSES
     # rows read: each job reads every row of its source's files
     sources = orjson.loads((d / "stages" / "config.json").read_bytes())["jobs"]
-    read = sum(e.get("rows") or 0 for job in manifest["jobs"] for e in manifest["inputs"]
-               if e["source"] == sources[job]["source"])
+    read = sum(
+        e.get("rows") or 0
+        for job in manifest["jobs"]
+        for e in manifest["inputs"]
+        if e["source"] == sources[job]["source"]
+    )
     assert len(rows) == read, f"{len(rows)} result lines for {read} rows read"
     table = pq.read_table(d / "results.parquet")
     assert table.schema.names == names

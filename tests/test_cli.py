@@ -93,7 +93,7 @@ def test_every_command_has_help() -> None:
         result = run([*path, "--help"])
         assert result.exit_code == 0, path
         assert "Usage:" in result.output
-        assert (cmd.help or cmd.short_help), f"{' '.join(path)} has no help text"
+        assert cmd.help or cmd.short_help, f"{' '.join(path)} has no help text"
         if isinstance(cmd, click.Group):
             for name, sub in cmd.commands.items():
                 walk(sub, [*path, name])
@@ -113,10 +113,14 @@ def test_clean_run_exits_0_and_keeps_the_row_invariant(setup: dict[str, Any]) ->
     confirm = [r for r in rows if r["job"] == "confirm"]
     assert confirm[1]["email"] == confirm[2]["email"] == "bob@example.com"
     assert confirm[1]["result"] == confirm[2]["result"] == "SUCCESS"
-    request = orjson.loads((Path(summary["run_dir"]) / "batches" /
-                            "maestro-ondemand-0001.request.json").read_bytes())
+    request = orjson.loads(
+        (Path(summary["run_dir"]) / "batches" / "maestro-ondemand-0001.request.json").read_bytes()
+    )
     assert [r["email"] for r in request["recip"]] == [
-        "ann@example.com", "bob@example.com", "cy@example.com"]
+        "ann@example.com",
+        "bob@example.com",
+        "cy@example.com",
+    ]
 
 
 def test_bad_rows_exit_1_and_become_rejects(setup: dict[str, Any]) -> None:
@@ -128,8 +132,10 @@ def test_bad_rows_exit_1_and_become_rejects(setup: dict[str, Any]) -> None:
     assert by_line[6]["result"] == "INVALID_EMAIL"
     assert by_line[6]["error"] == "Invalid email address"
     assert by_line[7]["result"] == "PARSE_ERROR"
-    rejects = [orjson.loads(x) for x in
-               (last_run(setup["out"]) / "rejects.jsonl").read_bytes().splitlines()]
+    rejects = [
+        orjson.loads(x)
+        for x in (last_run(setup["out"]) / "rejects.jsonl").read_bytes().splitlines()
+    ]
     assert [(r["line"], r["code"]) for r in rejects] == [(6, "INVALID_EMAIL"), (7, "PARSE_ERROR")]
     assert rejects[1]["raw"] == "5,x@example.com"
 
@@ -150,8 +156,13 @@ def test_hostile_csv_keeps_the_invariant(setup: dict[str, Any]) -> None:
     rows = check_run_dir(last_run(setup["out"]))
     confirm = [r for r in rows if r["job"] == "confirm"]
     assert [r["line"] for r in confirm] == [2, 5, 6, 7, 8]
-    assert [r["status"] for r in confirm] == ["completed", "failed", "failed", "completed",
-                                             "completed"]
+    assert [r["status"] for r in confirm] == [
+        "completed",
+        "failed",
+        "failed",
+        "completed",
+        "completed",
+    ]
     manifest = orjson.loads((last_run(setup["out"]) / "manifest.json").read_bytes())
     assert manifest["inputs"][0]["blank_lines"] == 1
     assert manifest["inputs"][0]["rows"] == 5
@@ -214,8 +225,11 @@ def test_a_stage_needs_the_one_before(setup: dict[str, Any]) -> None:
 
 def test_config_errors_exit_2(setup: dict[str, Any], tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text(Path(setup["config"]).read_text().replace("[jobs.confirm]",
-                                                             "[jobs.confirm]\nbatch_size = 301"))
+    bad.write_text(
+        Path(setup["config"])
+        .read_text()
+        .replace("[jobs.confirm]", "[jobs.confirm]\nbatch_size = 301")
+    )
     result = run(["run", "--config", str(bad)])
     assert result.exit_code == 2
     assert "jobs.confirm.batch_size" in result.stderr
@@ -227,8 +241,10 @@ def test_config_errors_exit_2(setup: dict[str, Any], tmp_path: Path) -> None:
 
 def test_env_override_reaches_the_run(setup: dict[str, Any]) -> None:
     (setup["data"] / "orders.csv").write_text(GOOD)
-    result = run(["run", "--config", setup["config"], "--job", "confirm"],
-                 env={"MAILPIPE_JOBS_CONFIRM_BATCH_SIZE": "2"})
+    result = run(
+        ["run", "--config", setup["config"], "--job", "confirm"],
+        env={"MAILPIPE_JOBS_CONFIRM_BATCH_SIZE": "2"},
+    )
     assert result.exit_code == 0
     rows = check_run_dir(last_run(setup["out"]))
     assert [r["batch"] for r in rows] == ["maestro-ondemand-0001"] * 3 + ["maestro-ondemand-0002"]
@@ -252,30 +268,56 @@ def test_log_json_lines_on_stderr(setup: dict[str, Any]) -> None:
 
 def test_demo_config_shows_every_code(in_repo: Path, tmp_path: Path) -> None:
     """The example config on the sample data: every code the demo promises appears."""
-    env = {"MAILPIPE_STORE_URL": f"sqlite:///{tmp_path}/demo.db",
-           "MAILPIPE_RUN_OUT": str(tmp_path / "out")}
-    for args in (["subscribers", "import", "sample_data/subscribers.csv"],
-                 ["suppression", "import", "sample_data/suppression.csv"]):
+    env = {
+        "MAILPIPE_STORE_URL": f"sqlite:///{tmp_path}/demo.db",
+        "MAILPIPE_RUN_OUT": str(tmp_path / "out"),
+    }
+    for args in (
+        ["subscribers", "import", "sample_data/subscribers.csv"],
+        ["suppression", "import", "sample_data/suppression.csv"],
+    ):
         assert run(args, env=env).exit_code == 0
     result = run(["run"], env=env)
     assert result.exit_code == 1
     rows = check_run_dir(last_run(tmp_path / "out"))
     results = {r["result"] for r in rows if r["target"] == "maestro-ondemand"}
     expected = {
-        "SUCCESS", "PARSE_ERROR", "MAIL_JOB_NOT_FOUND", "ILLEGAL_JOB_STATE", "TRIGGER_CLOSED",
-        "DATASET_NOT_FOUND", "HOSTED_LIST_NOT_FOUND", "PROFILE_VALIDATION_ERROR",
-        "ADDRESS_NOT_FOUND", "ADDRESS_REJECTED_BY_SUPPRESSION_LIST",
-        "ADDRESS_REJECTED_BY_LIST_PROTECTION", "SEND_ERROR", "INVALID_EMAIL", "MISSING_EMAIL",
-        "INVALID_DO_UPDATE_FLAG", "INVALID_FORCE_ADD_FLAG", "INVALID_FORCE_DELIVERY_FLAG",
+        "SUCCESS",
+        "PARSE_ERROR",
+        "MAIL_JOB_NOT_FOUND",
+        "ILLEGAL_JOB_STATE",
+        "TRIGGER_CLOSED",
+        "DATASET_NOT_FOUND",
+        "HOSTED_LIST_NOT_FOUND",
+        "PROFILE_VALIDATION_ERROR",
+        "ADDRESS_NOT_FOUND",
+        "ADDRESS_REJECTED_BY_SUPPRESSION_LIST",
+        "ADDRESS_REJECTED_BY_LIST_PROTECTION",
+        "SEND_ERROR",
+        "INVALID_EMAIL",
+        "MISSING_EMAIL",
+        "INVALID_DO_UPDATE_FLAG",
+        "INVALID_FORCE_ADD_FLAG",
+        "INVALID_FORCE_DELIVERY_FLAG",
         "INVALID_PROFILE",
     }
     assert expected <= results, expected - results
-    reasons = {orjson.loads(r["reason"])["type"] if isinstance(r["reason"], str)
-               else r["reason"]["type"] for r in rows if r["reason"]}
-    assert reasons == {"PARAMETER_VALIDATION_ERROR", "SUBSCRIBE_NOT_POSSIBLE",
-                       "ALREADY_SUBSCRIBED", "AUTHENTICATION_REQUIRED", "PROFILE_VALIDATION_ERROR"}
-    assert any(r["http_status"] == 409 and r["message"].startswith("Subscriber must be a memberOf")
-               for r in rows)
+    reasons = {
+        orjson.loads(r["reason"])["type"] if isinstance(r["reason"], str) else r["reason"]["type"]
+        for r in rows
+        if r["reason"]
+    }
+    assert reasons == {
+        "PARAMETER_VALIDATION_ERROR",
+        "SUBSCRIBE_NOT_POSSIBLE",
+        "ALREADY_SUBSCRIBED",
+        "AUTHENTICATION_REQUIRED",
+        "PROFILE_VALIDATION_ERROR",
+    }
+    assert any(
+        r["http_status"] == 409 and r["message"].startswith("Subscriber must be a memberOf")
+        for r in rows
+    )
     assert any(r["target"] == "yesmail-send" and r["status"] == "completed" for r in rows)
 
 

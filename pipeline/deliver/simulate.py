@@ -16,9 +16,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
 from pipeline.deliver.runner import BatchRows
-from pipeline.arrowutil import to_bool_np
 from pipeline.engine.ondemand import RecipColumns, columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
 from pipeline.engine.yesmail import SendAnswer, evaluate_send

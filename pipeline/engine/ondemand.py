@@ -302,12 +302,24 @@ def columns_from_objects(objs: list[Any], plan: JobPlan) -> RecipColumns:
     for i, obj in enumerate(objs):
         rec = obj if isinstance(obj, dict) else {}
         email = rec.get("email")
-        emails.append(email if isinstance(email, str) else
-                      None if email is None else orjson.dumps(email).decode())
+        emails.append(
+            email
+            if isinstance(email, str)
+            else None
+            if email is None
+            else orjson.dumps(email).decode()
+        )
         for f in FLAG_NAMES:
             v = rec.get(f)
-            flags[f].append(None if f not in rec else "true" if v is True else
-                            "false" if v is False else orjson.dumps(v).decode())
+            flags[f].append(
+                None
+                if f not in rec
+                else "true"
+                if v is True
+                else "false"
+                if v is False
+                else orjson.dumps(v).decode()
+            )
         profile = rec.get("profile", {})
         if profile is None:
             profile = {}
@@ -320,16 +332,15 @@ def columns_from_objects(objs: list[Any], plan: JobPlan) -> RecipColumns:
             if name not in known:
                 problems.append(f"{name}: not a field of the list nor an on-demand merge field")
                 continue
-            spec = plan.lst.fields.get(name)
-            bad = _type_problem(spec, value) if spec is not None else None
+            # on-demand merge fields are plain text (JobPlan.field_spec): a value of any
+            # other JSON type is a validation error, not a crash when building columns
+            bad = _type_problem(plan.field_spec(name), value)
             if bad and value is not None:
                 problems.append(f"{name}: {bad}")
             else:
                 values[name][i] = value
         errors.append("; ".join(problems) or None)
-    profile_cols = {
-        name: pa.array(vals, _arrow_type(plan, name)) for name, vals in values.items()
-    }
+    profile_cols = {name: pa.array(vals, _arrow_type(plan, name)) for name, vals in values.items()}
     return RecipColumns(
         email=pa.array(emails, pa.string()),
         flags={f: pa.array(v, pa.string()) for f, v in flags.items()},

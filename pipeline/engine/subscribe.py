@@ -73,13 +73,15 @@ def profile_problems(
         if spec is None:
             problems.append(f"{name}: unknown profile field")
             continue
+        if value is None:  # a null value is no value: judged below, like a missing entry
+            continue
         bad = _type_problem(spec, value)
         if bad:
             problems.append(f"{name}: {bad}")
         elif value is not None:
             stored[name] = value
     for name, spec in fields.items():
-        if name in stored or name in profile:
+        if name in stored or profile.get(name) is not None:
             continue
         if spec.default is not None:
             stored[name] = spec.default
@@ -186,16 +188,17 @@ def _judge(
     base_url: str | None,
     writes: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    # the subscriber data is a parameter: it is validated before the list's status
+    if problem == "MISSING_EMAIL":
+        return F.PARAMETER_VALIDATION_ERROR.response("Missing email address")
+    if problem == "INVALID_EMAIL" or email is None:
+        return F.PARAMETER_VALIDATION_ERROR.response(f"Invalid email address: {sub.get('email')}")
     if not lst.subscribe_open or name in cfg.simulate.missing_lists:
         return F.SUBSCRIBE_NOT_POSSIBLE.response(
             f"List {lst.mListId} is not open for subscribes"
             if lst.subscribe_open
             else f"Subscribes to list {lst.mListId} are not allowed"
         )
-    if problem == "MISSING_EMAIL":
-        return F.PARAMETER_VALIDATION_ERROR.response("Missing email address")
-    if problem == "INVALID_EMAIL" or email is None:
-        return F.PARAMETER_VALIDATION_ERROR.response(f"Invalid email address: {sub.get('email')}")
     row = known.get((name, key))
     if row is not None and row["state"] == "subscribed":
         return F.ALREADY_SUBSCRIBED.response("The address is already subscribed to the list")

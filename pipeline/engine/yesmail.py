@@ -96,15 +96,19 @@ def evaluate_send(
     transactional = bool(body.get("transactional", False))
     update_profile = bool(body.get("updateProfile", False))
     with store.begin() as conn:
-        subs, divs = store.ym_state(conn, [k for k in keys if k])
-        by_id = {s["id"]: k for k, s in subs.items() if s.get("id")}
+        # a recipient given by id alone is looked up by that id
+        by_id = store.ym_keys_by_id(conn, [r["id"] for r, k in zip(recipients, keys) if k is None])
+        subs, divs = store.ym_state(conn, [k for k in keys if k] + list(by_id.values()))
+        known = set(subs)
         for r, k in zip(recipients, keys):
             if k is None and r.get("id") in by_id:
                 continue
-            if (k is None or k not in subs) and not (r.get("id") and r.get("email")):
+            if (k is None or k not in known) and not (r.get("id") and r.get("email")):
                 return error(
                     YesmailStatus.BAD_REQUEST, "A new subscriber requires both id and email"
                 )
+            if k:
+                known.add(k)  # exists for the recipients after it
         outcomes: list[str] = []
         writes: list[tuple[str, dict[str, Any], set[str]]] = []
         for r, k in zip(recipients, keys):
@@ -131,12 +135,15 @@ def evaluate_send(
                 "id": r.get("id") or (sub or {}).get("id"),
                 "status": status,
             }
-            if update_profile or sub is None:
+            if update_profile:  # otherwise the attributes only personalize this email
                 attrs = orjson.loads((sub or {}).get("attrs") or "{}")
                 for item in (r.get("profile") or {}).get("userAttrs") or []:
                     attrs.update(item)
                 values["attrs"] = orjson.dumps(attrs).decode()
             writes.append((key, values, member_of))
+            # the same subscriber later in the request is judged against this state
+            subs[key] = {**(sub or {}), **values}
+            divs[key] = member_of
         for key, values, member_of in writes:
             store.upsert_ym_subscriber(conn, key, values)
             store.set_ym_subscriptions(conn, key, member_of)
@@ -167,6 +174,8 @@ def _request_problem(body: Any) -> str | None:
         email, rid = r.get("email"), r.get("id")
         if email is None and rid is None:
             return f"recipients[{i}]: one of id or email must be specified"
+        if rid is not None and not isinstance(rid, str):
+            return f"recipients[{i}]: id must be a string"
         if email is not None:
             if not isinstance(email, str) or verdict.problem[i].as_py() is not None:
                 return f"recipients[{i}]: invalid email address"

@@ -1,0 +1,205 @@
+"""`make bench`: mailpipe against a naive per-row script and the pyarrow+orjson floor.
+
+Measures, each in its own process (wall time, CPU time and peak RSS from
+``wait4``):
+
+* **naive** — ``bench/naive.py``: csv.DictReader + email_validator +
+  json.dumps per row (run on the first 200,000 rows: it is linear, and slow);
+* **floor** — ``bench/floor.py``: pyarrow read + orjson write, no logic;
+* **build** — ``mailpipe run --until build`` (extract, normalize, build)
+  for the on-demand and the Yesmail job on 1,000,000 order rows, and again on
+  5,000,000 rows to show that memory stays flat;
+* **simulate** — the whole run in simulate mode for the on-demand job,
+  against a store holding 1,000,000 existing subscribers.
+
+Prints rows/s, ratios and the issue's targets, writes ``bench/out/results.json``
+and compares with ``bench/baseline.json`` (a drop of more than 25% is flagged).
+
+    python bench/run.py [--quick]     # --quick: 200k rows, no 5M run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+DATA = BENCH / "data"
+OUT = BENCH / "out"
+PY = sys.executable
+MAILPIPE = [PY, "-m", "pipeline.cli"]
+
+
+def measure(
+    name: str, cmd: list[str], rows: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run a command; return rows/s, wall, CPU and peak RSS of that process tree."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise SystemExit(f"{name}: exit {code}\n{out}\n{err}")
+    cpu = usage.ru_utime + usage.ru_stime
+    result = {
+        "name": name,
+        "rows": rows,
+        "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "rows_per_s": round(rows / wall),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
+    print(
+        f"  {name:<28} {rows:>9,} rows {wall:8.2f} s {result['rows_per_s']:>10,} rows/s "
+        f"cpu {cpu:6.2f} s  rss {result['peak_rss_mb']:7.1f} MB",
+        flush=True,
+    )
+    return result
+
+
+def ensure_orders(rows: int) -> Path:
+    path = DATA / f"orders-{rows}.csv"
+    if not path.exists():
+        subprocess.run([PY, str(BENCH / "generate.py"), str(rows), str(path)], check=True, cwd=ROOT)
+    return path
+
+
+def ensure_store(subscribers: int) -> Path:
+    db = DATA / f"store-{subscribers}.db"
+    if not db.exists():
+        sys.path.insert(0, str(BENCH))
+        sys.path.insert(0, str(ROOT))
+        from generate import fill_store
+
+        t = time.perf_counter()
+        fill_store(db, "shop", subscribers)
+        print(f"  store with {subscribers:,} subscribers in {time.perf_counter() - t:.1f}s")
+    return db
+
+
+def mailpipe_env(orders: Path, store: Path, out: Path) -> dict[str, str]:
+    return {
+        "MAILPIPE_SOURCES_ORDERS_PATH": str(orders),
+        "MAILPIPE_STORE_URL": f"sqlite:///{store}",
+        "MAILPIPE_RUN_OUT": str(out),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="200k rows, no 5M run")
+    args = ap.parse_args()
+    rows = 200_000 if args.quick else 1_000_000
+    naive_rows = min(rows, 200_000)
+    OUT.mkdir(parents=True, exist_ok=True)
+    orders = ensure_orders(rows)
+    config = str(BENCH / "bench.toml")
+    results: dict[str, Any] = {"rows": rows, "machine": {"cpus": os.cpu_count()}, "runs": {}}
+    print(f"mailpipe benchmark, {rows:,} order rows ({orders.name})")
+    runs = results["runs"]
+    runs["naive"] = measure(
+        "naive (200k rows)",
+        [
+            PY,
+            str(BENCH / "naive.py"),
+            str(orders),
+            str(OUT / "naive.jsonl"),
+            "--rows",
+            str(naive_rows),
+        ],
+        naive_rows,
+    )
+    runs["floor"] = measure(
+        "floor (pyarrow+orjson)",
+        [PY, str(BENCH / "floor.py"), str(orders), str(OUT / "floor.jsonl")],
+        rows,
+    )
+    scratch_store = OUT / "scratch.db"
+    for job in ("order-confirmation", "order-followup"):
+        shutil.rmtree(OUT / "runs", ignore_errors=True)
+        runs[f"build {job}"] = measure(
+            f"build {job}",
+            [*MAILPIPE, "run", "--config", config, "--job", job, "--until", "build"],
+            rows,
+            mailpipe_env(orders, scratch_store, OUT / "runs"),
+        )
+    if not args.quick:
+        big = ensure_orders(5_000_000)
+        shutil.rmtree(OUT / "runs", ignore_errors=True)
+        runs["build 5M"] = measure(
+            "build order-followup 5M",
+            [*MAILPIPE, "run", "--config", config, "--job", "order-followup", "--until", "build"],
+            5_000_000,
+            mailpipe_env(big, scratch_store, OUT / "runs"),
+        )
+    store = ensure_store(1_000_000)
+    work_store = OUT / "store.db"
+    shutil.copy(store, work_store)
+    shutil.rmtree(OUT / "runs", ignore_errors=True)
+    runs["simulate order-confirmation"] = measure(
+        "simulate order-confirmation",
+        [*MAILPIPE, "run", "--config", config, "--job", "order-confirmation"],
+        rows,
+        mailpipe_env(orders, work_store, OUT / "runs"),
+    )
+    shutil.rmtree(OUT / "runs", ignore_errors=True)
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
+    runs = results["runs"]
+    naive = runs["naive"]["rows_per_s"]
+    floor = runs["floor"]["rows_per_s"]
+    build = runs["build order-followup"]["rows_per_s"]
+    ratios = {
+        "build_vs_naive": round(build / naive, 1),
+        "floor_vs_build": round(floor / build, 2),
+        "build_rss_mb": runs["build order-followup"]["peak_rss_mb"],
+        "build_5m_rss_mb": runs.get("build 5M", {}).get("peak_rss_mb"),
+        "simulate_rows_per_s": runs["simulate order-confirmation"]["rows_per_s"],
+    }
+    results["ratios"] = ratios
+    print("\nratios and targets")
+    print(f"  build vs naive     {ratios['build_vs_naive']:>6}x   (target >= 14x)")
+    print(f"  floor vs build     {ratios['floor_vs_build']:>6}x   (target <= 3x)")
+    print(
+        f"  build peak RSS     {ratios['build_rss_mb']:>6} MB (target <= 500 MB; "
+        f"5M: {ratios['build_5m_rss_mb']} MB, target no higher)"
+    )
+    print(
+        f"  simulate           {ratios['simulate_rows_per_s']:>6,} rows/s "
+        f"(build {runs['build order-confirmation']['rows_per_s']:,} rows/s)"
+    )
+    (OUT / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    baseline_path = BENCH / "baseline.json"
+    if baseline_path.exists():
+        base = orjson.loads(baseline_path.read_bytes())["runs"]
+        print("\nagainst bench/baseline.json")
+        for name, r in runs.items():
+            if name in base:
+                change = r["rows_per_s"] / base[name]["rows_per_s"] - 1
+                flag = "  <-- slower by more than 25%" if change < -0.25 else ""
+                print(f"  {name:<28} {change:+7.1%}{flag}")
+    print(f"\nwritten: {OUT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

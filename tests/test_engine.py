@@ -1,0 +1,1169 @@
+"""The simulate engine answers every documented code, letter for letter.
+
+Expected bodies are written out literally from the documents in
+``shared/seeds/`` (000 = Maestro on-demand, 002 = Maestro
+``addSubscriberExternally.do``, 003 = Yesmail ``emails/send``) — never
+rebuilt from the code under test — so a changed text or shape fails here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from conftest import SEEDS, small_config
+
+from pipeline.config import MailpipeConfig
+from pipeline.engine.ondemand import answer_recip, columns_from_objects, evaluate_ondemand
+from pipeline.engine.subscribe import evaluate_subscribe
+from pipeline.engine.yesmail import evaluate_send
+from pipeline.errors import MaestroResult, YesmailStatus
+from pipeline.store import Store, email_key, profile_json, verify_password
+
+# -- the documents' texts, copied from 000_… ----------------------------------------
+
+DOC_ERRORS = {
+    "PARSE_ERROR": "Parse error in JSON data",
+    "NO_RECIPIENTS": "No recipients specified",
+    "MAIL_JOB_NOT_FOUND": "Mail job not found",
+    "ILLEGAL_JOB_STATE": "Illegal mail job state",
+    "TRIGGER_CLOSED": "Trigger closed",
+    "DATASET_NOT_FOUND": "Dataset not found",
+    "HOSTED_LIST_NOT_FOUND": "Subscriber list not found",
+    "PROFILE_VALIDATION_ERROR": "Profile validation error",
+    "ADDRESS_NOT_FOUND": (
+        "No subscriber with specified address found and property ifNotExistsAddAndSend not set"
+    ),
+    "ADDRESS_REJECTED_BY_SUPPRESSION_LIST": "Address on suppression list",
+    "ADDRESS_REJECTED_BY_LIST_PROTECTION": (
+        "List protection is enabled and address was previously unsubscribed or bounced too often"
+    ),
+    "SEND_ERROR": "Sending failed",
+    "INTERNAL_ERROR": "Internal execution error",
+    "INVALID_EMAIL": "Invalid email address",
+    "MISSING_EMAIL": "Missing email address",
+    "INVALID_DO_UPDATE_FLAG": "Invalid ifExistsDoUpdate property",
+    "INVALID_FORCE_ADD_FLAG": "Invalid ifNotExistsAddAndSend property",
+    "INVALID_FORCE_DELIVERY_FLAG": "Invalid ifExistsForceSending property",
+    "INVALID_PROFILE": "Invalid profile property",
+}
+OK = {"result": "SUCCESS"}
+ADD = {"ifNotExistsAddAndSend": True}
+
+
+def err(code: str, message: str | None = None) -> dict[str, str]:
+    """The documented error object; ``message`` only when there are details."""
+    body = {"result": code, "error": DOC_ERRORS[code]}
+    if message is not None:
+        body["message"] = message
+    return body
+
+
+# -- fixtures and helpers -------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path}/s.db")
+    yield s
+    s.close()
+
+
+def od_config(simulate: dict[str, Any] | None = None, **job: Any) -> MailpipeConfig:
+    """The small config's list, one on-demand job with an on-demand merge field."""
+    return small_config(
+        jobs={
+            "confirm": {
+                "source": "orders",
+                "target": "maestro-ondemand",
+                "list": "shop",
+                "merge_fields": ["SHIP1"],
+                **job,
+            }
+        },
+        simulate=simulate or {},
+    )
+
+
+def call(cfg: MailpipeConfig, store: Store, recip: Any) -> Any:
+    """Answer a ``recip`` value (JSON-encoded unless already text), parsed back."""
+    text = recip if isinstance(recip, str) or recip is None else orjson.dumps(recip).decode()
+    if cfg.simulate.mail_jobs:
+        store.sync_mail_jobs(dict(cfg.simulate.mail_jobs))
+    return orjson.loads(answer_recip(cfg, cfg.plan("confirm"), store, text))
+
+
+def seed(store: Store, email: str, list_name: str = "shop", **row: Any) -> None:
+    profile = row.pop("profile", {})
+    with store.begin() as conn:
+        store.upsert_subscribers(
+            conn,
+            [
+                {
+                    "list": list_name,
+                    "email_key": email_key(email),
+                    "email": email,
+                    "state": row.pop("state", "subscribed"),
+                    "bounces": row.pop("bounces", 0),
+                    "suspended": row.pop("suspended", False),
+                    "profile": profile_json(profile),
+                    **row,
+                }
+            ],
+        )
+
+
+def rows(store: Store, list_name: str = "shop") -> dict[str, dict[str, Any]]:
+    return {r["email_key"]: r for r in store.iter_subscribers(list_name)}
+
+
+def profile_of(store: Store, email: str, list_name: str = "shop") -> dict[str, Any]:
+    profile: dict[str, Any] = orjson.loads(rows(store, list_name)[email_key(email)]["profile"])
+    return profile
+
+
+def suppress(store: Store, email: str) -> None:
+    with store.begin() as conn:
+        store.upsert_suppression(
+            conn,
+            [{"email_key": email_key(email), "email": email, "reason": "x", "added_at": "2024"}],
+        )
+
+
+# == maestro-ondemand ================================================================
+
+
+def test_maestro_result_texts_are_the_documents_own() -> None:
+    text = (SEEDS / "000_153cd279dc41487d.txt").read_text(encoding="utf-8")
+    documented = dict(re.findall(r'\{"result":"([A-Z_]+)", "error":"([^"]+)"\}', text))
+    assert documented == DOC_ERRORS
+    assert {m.value for m in MaestroResult} == {"SUCCESS", *DOC_ERRORS}
+    for code, error in DOC_ERRORS.items():
+        assert MaestroResult[code].response() == {"result": code, "error": error}
+
+
+def test_ondemand_success_adds_the_subscriber_with_its_profile(store: Store) -> None:
+    cfg = od_config()
+    recip = {
+        "email": "Ann.Lee@Example.COM",
+        "profile": {"FIRST_NAME": "Ann", "AGE": 41, "TAGS": ["a", "c"], "COLOR": "red"},
+        **ADD,
+    }
+    body = answer_recip(cfg, cfg.plan("confirm"), store, orjson.dumps(recip).decode())
+    assert body == b'{"result":"SUCCESS"}'
+    row = rows(store)["ann.lee@example.com"]
+    assert (row["email"], row["state"], row["bounces"], row["suspended"]) == (
+        "Ann.Lee@example.com",
+        "subscribed",
+        0,
+        False,
+    )
+    # the boolean's default is stored with the given values
+    assert orjson.loads(row["profile"]) == {
+        "FIRST_NAME": "Ann",
+        "AGE": 41,
+        "TAGS": ["a", "c"],
+        "COLOR": "red",
+        "VIP": False,
+    }
+
+
+def test_ondemand_array_in_array_out_in_order(store: Store) -> None:
+    cfg = od_config()
+    seed(store, "known@example.com", profile={"FIRST_NAME": "K"})
+    one = answer_recip(cfg, cfg.plan("confirm"), store, '[{"email":"known@example.com"}]')
+    assert one == b'[{"result":"SUCCESS"}]'
+    recips = [
+        {"email": "nobody@example.com"},
+        {"email": "known@example.com"},
+        {"email": ""},
+        {"email": "new@example.com", "profile": {"FIRST_NAME": "N"}, **ADD},
+        {"email": "known@example.com", "ifExistsForceSending": "yes"},
+    ]
+    assert call(cfg, store, recips) == [
+        err("ADDRESS_NOT_FOUND"),
+        OK,
+        err("MISSING_EMAIL"),
+        OK,
+        err("INVALID_FORCE_DELIVERY_FLAG"),
+    ]
+
+
+def test_ondemand_parse_error(store: Store) -> None:
+    cfg = od_config()
+    for text in ('{"email":', "[{]", "recip", '{"email":"a@example.com"} x'):
+        body = call(cfg, store, text)
+        assert set(body) == {"result", "error", "message"}, text
+        assert (body["result"], body["error"]) == ("PARSE_ERROR", "Parse error in JSON data")
+        assert body["message"]  # the parser's detail
+    assert rows(store) == {}
+
+
+def test_ondemand_no_recipients(store: Store) -> None:
+    cfg = od_config()
+    for text in ("[]", " [ ] ", "", "   ", None):
+        assert call(cfg, store, text) == {
+            "result": "NO_RECIPIENTS",
+            "error": "No recipients specified",
+        }, text
+
+
+def test_ondemand_mail_job_not_found(store: Store) -> None:
+    cfg = od_config({"mail_jobs": {"some-other-job": "authorized"}})
+    expected = {"result": "MAIL_JOB_NOT_FOUND", "error": "Mail job not found"}
+    # a request-level error is one object, even for an array of recipients
+    assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}, {"email": "b@example.com"}]) == expected
+    # the job's own mail_job name is what is looked up
+    cfg = od_config({"mail_jobs": {"MJ-7": "authorized"}}, mail_job="MJ-7")
+    assert call(cfg, store, {"email": "a@example.com", "profile": {"FIRST_NAME": "A"}, **ADD}) == OK
+
+
+def test_ondemand_illegal_job_state(store: Store) -> None:
+    cfg = od_config({"mail_jobs": {"confirm": "not-authorized"}})
+    expected = {"result": "ILLEGAL_JOB_STATE", "error": "Illegal mail job state"}
+    assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}]) == expected
+    assert rows(store) == {}
+
+
+def test_ondemand_trigger_closed(store: Store) -> None:
+    cfg = od_config({"mail_jobs": {"confirm": "closed"}})
+    expected = {"result": "TRIGGER_CLOSED", "error": "Trigger closed"}
+    assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}]) == expected
+    # authorized: the same call goes through
+    cfg = od_config({"mail_jobs": {"confirm": "authorized"}})
+    assert call(cfg, store, {"email": "a@example.com", "profile": {"FIRST_NAME": "A"}, **ADD}) == OK
+
+
+def test_ondemand_dataset_not_found(store: Store) -> None:
+    cfg = od_config({"missing_datasets": ["shop"]})
+    expected = {"result": "DATASET_NOT_FOUND", "error": "Dataset not found"}
+    assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}, {"email": "b@example.com"}]) == expected
+
+
+def test_ondemand_hosted_list_not_found(store: Store) -> None:
+    cfg = od_config({"missing_lists": ["shop"]})
+    expected = {"result": "HOSTED_LIST_NOT_FOUND", "error": "Subscriber list not found"}
+    assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}]) == expected
+
+
+@pytest.mark.parametrize(
+    ("flag", "code", "text"),
+    [
+        (
+            "ifNotExistsAddAndSend",
+            "INVALID_FORCE_ADD_FLAG",
+            "Invalid ifNotExistsAddAndSend property",
+        ),
+        ("ifExistsDoUpdate", "INVALID_DO_UPDATE_FLAG", "Invalid ifExistsDoUpdate property"),
+        (
+            "ifExistsForceSending",
+            "INVALID_FORCE_DELIVERY_FLAG",
+            "Invalid ifExistsForceSending property",
+        ),
+    ],
+)
+def test_ondemand_invalid_flag(store: Store, flag: str, code: str, text: str) -> None:
+    cfg = od_config()
+    seed(store, "known@example.com", profile={"FIRST_NAME": "K"})
+    bad_values: list[Any] = ["true", 1, "false", 0, None, [True], {"v": True}]
+    answers = call(cfg, store, [{"email": "known@example.com", flag: v} for v in bad_values])
+    assert answers == [{"result": code, "error": text}] * len(bad_values)
+    # JSON booleans are fine
+    good = call(cfg, store, [{"email": "known@example.com", flag: v} for v in (True, False)])
+    assert good == [OK, OK]
+
+
+def test_ondemand_invalid_profile(store: Store) -> None:
+    cfg = od_config()
+    bad: list[Any] = ["FIRST_NAME=Ann", ["Ann"], 5, True]
+    answers = call(cfg, store, [{"email": "a@example.com", "profile": p, **ADD} for p in bad])
+    assert answers == [{"result": "INVALID_PROFILE", "error": "Invalid profile property"}] * 4
+    assert rows(store) == {}
+
+
+def test_ondemand_missing_email(store: Store) -> None:
+    cfg = od_config()
+    recips: list[Any] = [
+        {**ADD},
+        {"email": "", **ADD},
+        {"email": "   ", **ADD},
+        {"email": None, **ADD},
+    ]
+    assert (
+        call(cfg, store, recips)
+        == [{"result": "MISSING_EMAIL", "error": "Missing email address"}] * 4
+    )
+
+
+def test_ondemand_invalid_email(store: Store) -> None:
+    cfg = od_config()
+    for email in ("not-an-address", "a@b@example.com", "ann@", "ann@example..com"):
+        body = call(cfg, store, {"email": email, "profile": {"FIRST_NAME": "A"}, **ADD})
+        assert set(body) == {"result", "error", "message"}, email
+        assert (body["result"], body["error"]) == ("INVALID_EMAIL", "Invalid email address")
+        assert body["message"]  # email-validator's explanation
+    assert rows(store) == {}
+
+
+def test_ondemand_address_rejected_by_suppression_list(store: Store) -> None:
+    cfg = od_config()
+    suppress(store, "Gone@Example.com")
+    seed(store, "known@example.com", profile={"FIRST_NAME": "K"})
+    suppress(store, "known@example.com")
+    expected = {
+        "result": "ADDRESS_REJECTED_BY_SUPPRESSION_LIST",
+        "error": "Address on suppression list",
+    }
+    recips = [
+        {"email": "gone@example.com", "profile": {"FIRST_NAME": "G"}, **ADD},
+        {"email": "known@example.com", "ifExistsForceSending": True},
+    ]
+    assert call(cfg, store, recips) == [expected, expected]
+    assert set(rows(store)) == {"known@example.com"}
+
+
+def test_ondemand_address_not_found(store: Store) -> None:
+    cfg = od_config()
+    expected = {
+        "result": "ADDRESS_NOT_FOUND",
+        "error": "No subscriber with specified address found and property "
+        "ifNotExistsAddAndSend not set",
+    }
+    recips = [
+        {"email": "new@example.com", "profile": {"FIRST_NAME": "N"}},
+        {"email": "new@example.com", "ifNotExistsAddAndSend": False},
+    ]
+    assert call(cfg, store, recips) == [expected, expected]
+    assert rows(store) == {}
+
+
+def test_ondemand_address_rejected_by_list_protection(store: Store) -> None:
+    cfg = od_config({"bounce_limit": 3})
+    seed(store, "left@example.com", state="unsubscribed", profile={"FIRST_NAME": "L"})
+    seed(store, "dead@example.com", state="bounced", bounces=3)
+    seed(store, "often@example.com", state="pending", bounces=3)
+    seed(store, "twice@example.com", state="pending", bounces=2)
+    text = "List protection is enabled and address was previously unsubscribed or bounced too often"
+    recips = [
+        {"email": e, "profile": {"FIRST_NAME": "X"}, **ADD}
+        for e in ("left@example.com", "dead@example.com", "often@example.com", "twice@example.com")
+    ]
+    assert call(cfg, store, recips) == [
+        {
+            "result": "ADDRESS_REJECTED_BY_LIST_PROTECTION",
+            "error": text,
+            "message": "The address unsubscribed",
+        },
+        {
+            "result": "ADDRESS_REJECTED_BY_LIST_PROTECTION",
+            "error": text,
+            "message": "The address bounced 3 times",
+        },
+        {
+            "result": "ADDRESS_REJECTED_BY_LIST_PROTECTION",
+            "error": text,
+            "message": "The address bounced 3 times",
+        },
+        OK,  # below the bounce limit: added
+    ]
+    stored = rows(store)
+    assert stored["left@example.com"]["state"] == "unsubscribed"
+    assert orjson.loads(stored["left@example.com"]["profile"]) == {"FIRST_NAME": "L"}
+    assert stored["dead@example.com"]["state"] == "bounced"
+    assert stored["often@example.com"]["state"] == "pending"
+    assert stored["twice@example.com"]["state"] == "subscribed"
+
+
+def test_ondemand_profile_validation_error(store: Store, tmp_path: Any) -> None:
+    cfg = od_config()
+    seed(store, "known@example.com", profile={"FIRST_NAME": "K"})
+    text = "Profile validation error"
+    recips: list[Any] = [
+        # a new address without a mandatory field that has no default
+        {"email": "a@example.com", "profile": {"LAST_NAME": "Lee"}, **ADD},
+        {"email": "b@example.com", "profile": {"FIRST_NAME": None}, **ADD},
+        # unknown field (new or known address alike)
+        {"email": "c@example.com", "profile": {"FIRST_NAME": "C", "NOPE": "x"}, **ADD},
+        {"email": "known@example.com", "profile": {"NOPE": "x"}},
+        # wrong types
+        {"email": "d@example.com", "profile": {"FIRST_NAME": "D", "AGE": "41"}, **ADD},
+        {"email": "known@example.com", "profile": {"AGE": 4.5}},
+        {"email": "known@example.com", "profile": {"VIP": "yes"}},
+        {"email": "known@example.com", "profile": {"COLOR": "blue"}},
+        {"email": "known@example.com", "profile": {"TAGS": ["a", "z"]}},
+        {"email": "known@example.com", "profile": {"FIRST_NAME": ""}},
+        {"email": "known@example.com", "profile": {"SHIP1": 12345}},
+        {"email": "known@example.com", "profile": {"AGE": "x", "NOPE": 1}},
+    ]
+    assert call(cfg, store, recips) == [
+        {"result": "PROFILE_VALIDATION_ERROR", "error": text, "message": m}
+        for m in (
+            "Missing value for mandatory field FIRST_NAME",
+            "Missing value for mandatory field FIRST_NAME",
+            "NOPE: not a field of the list nor an on-demand merge field",
+            "NOPE: not a field of the list nor an on-demand merge field",
+            "AGE: '41' is not an integer",
+            "AGE: 4.5 is not an integer",
+            "VIP: 'yes' is not a boolean",
+            "COLOR: 'blue' is not one of the lookup values",
+            "TAGS: ['z'] not among the lookup values",
+            "FIRST_NAME: mandatory field has no value",
+            # on-demand merge fields are text; a number is refused, not a crash
+            "SHIP1: 12345 is not text",
+            "AGE: 'x' is not an integer; "
+            "NOPE: not a field of the list nor an on-demand merge field",
+        )
+    ]
+    assert set(rows(store)) == {"known@example.com"}
+    assert profile_of(store, "known@example.com") == {"FIRST_NAME": "K"}
+
+    # a boolean field with neither a value nor a default
+    lists = {
+        "shop": {
+            "name": "Shop",
+            "d_from_email": "shop@example.com",
+            "fields": {"FIRST_NAME": {"type": "text"}, "OPTIN": {"type": "boolean"}},
+        }
+    }
+    cfg2 = small_config(
+        lists=lists,
+        jobs={
+            "confirm": {
+                "source": "orders",
+                "target": "maestro-ondemand",
+                "list": "shop",
+                "fields": ["FIRST_NAME"],
+            }
+        },
+    )
+    store2 = Store(f"sqlite:///{tmp_path}/s2.db")
+    assert call(
+        cfg2,
+        store2,
+        [
+            {"email": "e@example.com", "profile": {"FIRST_NAME": "E"}, **ADD},
+            {"email": "f@example.com", "profile": {"OPTIN": None}, **ADD},
+            {"email": "g@example.com", "profile": {"OPTIN": False}, **ADD},
+        ],
+    ) == [
+        {
+            "result": "PROFILE_VALIDATION_ERROR",
+            "error": text,
+            "message": "Missing value for boolean field OPTIN",
+        },
+        {
+            "result": "PROFILE_VALIDATION_ERROR",
+            "error": text,
+            "message": "Missing value for boolean field OPTIN",
+        },
+        OK,
+    ]
+    assert set(rows(store2)) == {"g@example.com"}
+    store2.close()
+
+
+def test_ondemand_send_error_and_force_sending(store: Store) -> None:
+    cfg = od_config()
+    seed(store, "paused@example.com", suspended=True, profile={"FIRST_NAME": "P"})
+    send_error = {
+        "result": "SEND_ERROR",
+        "error": "Sending failed",
+        "message": "Not sent: delivery is suspended by the subscriber",
+    }
+    assert call(cfg, store, {"email": "paused@example.com"}) == send_error
+    assert call(cfg, store, {"email": "paused@example.com", **ADD}) == send_error
+    assert call(cfg, store, {"email": "paused@example.com", "ifExistsForceSending": False}) == (
+        send_error
+    )
+    assert call(cfg, store, {"email": "paused@example.com", "ifExistsForceSending": True}) == OK
+    assert rows(store)["paused@example.com"]["suspended"] is True
+
+
+def test_ondemand_send_error_group_daily_limit(store: Store) -> None:
+    cfg = od_config({"group_daily_limit": 2})
+    seed(store, "busy@example.com", profile={"FIRST_NAME": "B"})
+    limit = {
+        "result": "SEND_ERROR",
+        "error": "Sending failed",
+        "message": "Not sent: list group limit of 2 messages a day reached",
+    }
+    busy = {"email": "busy@example.com"}
+    assert call(cfg, store, [busy, busy, busy]) == [OK, OK, limit]
+    # the count is kept in the store: a later call is still over the limit
+    assert call(cfg, store, busy) == limit
+    assert call(cfg, store, {**busy, "ifExistsForceSending": True}) == OK
+    # another address has its own count
+    assert (
+        call(cfg, store, {"email": "new@example.com", "profile": {"FIRST_NAME": "N"}, **ADD}) == OK
+    )
+
+
+def test_ondemand_do_update_stores_only_the_given_fields(store: Store) -> None:
+    cfg = od_config()
+    before = {"FIRST_NAME": "Ann", "LAST_NAME": "Old", "AGE": 40, "VIP": True}
+    seed(store, "ann@example.com", profile=before)
+    given = {"LAST_NAME": "New", "TAGS": ["b"]}
+    # without the flag (absent or false) the stored profile is untouched
+    assert call(cfg, store, {"email": "ann@example.com", "profile": given}) == OK
+    assert (
+        call(cfg, store, {"email": "ann@example.com", "profile": given, "ifExistsDoUpdate": False})
+        == OK
+    )
+    assert profile_of(store, "ann@example.com") == before
+    # with it, only the given fields change
+    assert (
+        call(cfg, store, {"email": "ANN@example.com", "profile": given, "ifExistsDoUpdate": True})
+        == OK
+    )
+    assert profile_of(store, "ann@example.com") == {**before, "LAST_NAME": "New", "TAGS": ["b"]}
+    row = rows(store)["ann@example.com"]
+    assert (row["email"], row["state"]) == ("ann@example.com", "subscribed")
+
+
+def test_ondemand_merge_fields_are_accepted_and_never_stored(store: Store) -> None:
+    cfg = od_config()
+    seed(store, "known@example.com", profile={"FIRST_NAME": "K"})
+    recips = [
+        {
+            "email": "new@example.com",
+            "profile": {"FIRST_NAME": "N", "SHIP1": "12345 Example Blvd."},
+            **ADD,
+        },
+        {
+            "email": "known@example.com",
+            "profile": {"SHIP1": "52345 Sample City", "LAST_NAME": "L"},
+            "ifExistsDoUpdate": True,
+        },
+    ]
+    assert call(cfg, store, recips) == [OK, OK]
+    assert profile_of(store, "new@example.com") == {"FIRST_NAME": "N", "VIP": False}
+    assert profile_of(store, "known@example.com") == {"FIRST_NAME": "K", "LAST_NAME": "L"}
+    # columns keep the merge field for mail-merging
+    rc = columns_from_objects(recips, cfg.plan("confirm"))
+    assert rc.profile["SHIP1"].to_pylist() == ["12345 Example Blvd.", "52345 Sample City"]
+
+
+def test_ondemand_same_address_twice_sees_the_first_ones_state(store: Store) -> None:
+    cfg = od_config()
+    recips = [
+        {"email": "twin@example.com", "profile": {"FIRST_NAME": "T"}, **ADD},
+        {"email": "other@example.com"},
+        # found existing now: no ADDRESS_NOT_FOUND, no mandatory-field check
+        {"email": "TWIN@example.com"},
+        {"email": "twin@example.com", "profile": {"LAST_NAME": "Two"}, "ifExistsDoUpdate": True},
+    ]
+    assert call(cfg, store, recips) == [OK, err("ADDRESS_NOT_FOUND"), OK, OK]
+    assert profile_of(store, "twin@example.com") == {
+        "FIRST_NAME": "T",
+        "LAST_NAME": "Two",
+        "VIP": False,
+    }
+    # the other way round: the first fails, the second adds
+    recips = [
+        {"email": "late@example.com"},
+        {"email": "late@example.com", "profile": {"FIRST_NAME": "L"}, **ADD},
+    ]
+    assert call(cfg, store, recips) == [err("ADDRESS_NOT_FOUND"), OK]
+
+
+def test_ondemand_checks_run_in_the_documented_order(store: Store) -> None:
+    cfg = od_config()
+    suppress(store, "gone@example.com")
+    worst = {
+        "email": "",
+        "profile": {"NOPE": 1},
+        "ifExistsDoUpdate": 1,
+        "ifNotExistsAddAndSend": "x",
+    }
+    recips: list[Any] = [
+        worst,  # flags first, in FLAG_NAMES order
+        {**worst, "ifNotExistsAddAndSend": True},
+        {**worst, "ifNotExistsAddAndSend": True, "ifExistsDoUpdate": True, "profile": "x"},
+        {"email": "", "profile": {"NOPE": 1}},
+        {"email": "bad", "profile": {"NOPE": 1}},
+        {"email": "gone@example.com", "profile": {"NOPE": 1}},
+        {"email": "gone@example.com"},
+    ]
+    assert call(cfg, store, recips) == [
+        err("INVALID_FORCE_ADD_FLAG"),
+        err("INVALID_DO_UPDATE_FLAG"),
+        err("INVALID_PROFILE"),
+        err("MISSING_EMAIL"),
+        {**err("INVALID_EMAIL"), "message": call(cfg, store, {"email": "bad"})["message"]},
+        err(
+            "PROFILE_VALIDATION_ERROR", "NOPE: not a field of the list nor an on-demand merge field"
+        ),
+        err("ADDRESS_REJECTED_BY_SUPPRESSION_LIST"),
+    ]
+
+
+def test_ondemand_internal_error_is_documented_but_never_answered() -> None:
+    assert MaestroResult.INTERNAL_ERROR.response() == {
+        "result": "INTERNAL_ERROR",
+        "error": "Internal execution error",
+    }
+    assert MaestroResult.INTERNAL_ERROR.response("boom") == {
+        "result": "INTERNAL_ERROR",
+        "error": "Internal execution error",
+        "message": "boom",
+    }
+    assert MaestroResult.SUCCESS.response("ignored") == {"result": "SUCCESS"}
+
+
+def test_evaluate_ondemand_request_error_answers_every_recipient(store: Store) -> None:
+    cfg = od_config({"mail_jobs": {"confirm": "closed"}})
+    store.sync_mail_jobs(dict(cfg.simulate.mail_jobs))
+    plan = cfg.plan("confirm")
+    rc = columns_from_objects([{"email": "a@example.com"}, {"email": "b@example.com"}], plan)
+    answer = evaluate_ondemand(cfg, plan, store, rc)
+    assert answer.request_error is MaestroResult.TRIGGER_CLOSED
+    assert answer.result == [MaestroResult.TRIGGER_CLOSED] * 2
+    assert answer.response_json() == b'{"result":"TRIGGER_CLOSED","error":"Trigger closed"}'
+
+
+# == maestro-subscribe ===============================================================
+
+SUB_LISTS = {
+    # the seeds' own identifiers, a list without mandatory fields
+    "plain": {
+        "name": "Plain",
+        "d_from_email": "p@example.com",
+        "group": "G",
+        "mContainer": "2",
+        "mOwner": "N10",
+        "mListId": "HL#12",
+        "fields": {"LAST_NAME": {"type": "text"}},
+    },
+    "shop": {
+        "name": "Shop",
+        "d_from_email": "s@example.com",
+        "group": "G",
+        "mContainer": "2",
+        "mOwner": "N10",
+        "mListId": "HL#14",
+        "fields": {
+            "FIRST_NAME": {"type": "text", "mandatory": True},
+            "CITY": {"type": "text", "mandatory": True, "default": "Paris"},
+            "AGE": {"type": "number"},
+            "VIP": {"type": "boolean", "default": False},
+            "OPTIN": {"type": "boolean"},
+            "COLOR": {"type": "single-select", "lookup": ["red", "green"]},
+        },
+    },
+    "closed": {
+        "name": "Closed",
+        "d_from_email": "c@example.com",
+        "subscribe_open": False,
+        "mContainer": "5",
+        "mOwner": "N10",
+        "mListId": "HL#30",
+    },
+    "elsewhere": {
+        "name": "Elsewhere",
+        "d_from_email": "e@example.com",
+        "group": "H",
+        "mContainer": "7",
+        "mOwner": "N20",
+        "mListId": "HL#40",
+    },
+}
+PLAIN = {"mContainer": "2", "mOwner": "N10", "mListId": "HL#12"}
+SHOP = {"mContainer": "2", "mOwner": "N10", "mListId": "HL#14"}
+GOOD = {"FIRST_NAME": "Ann", "OPTIN": True}
+
+
+def sub_config(**simulate: Any) -> MailpipeConfig:
+    return small_config(
+        lists=SUB_LISTS,
+        sources={"signups": {"kind": "signups", "path": "s.csv", "email": "email"}},
+        jobs={"join": {"source": "signups", "target": "maestro-subscribe", "list": "shop"}},
+        simulate=simulate,
+    )
+
+
+def failed(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"result": "FAILED", "reason": {"type": kind, "message": message, **extra}}
+
+
+def test_subscribe_seed_example_succeeds(store: Store) -> None:
+    cfg = sub_config()
+    call_ = {**PLAIN, "mSubscriber": '{"email":"first.last@example.com"}'}
+    assert evaluate_subscribe(cfg, store, [call_]) == [{"result": "SUCCESS"}]
+    row = rows(store, "plain")["first.last@example.com"]
+    assert (row["state"], row["profile"], row["password_hash"]) == ("pending", "{}", None)
+
+
+def test_subscribe_success_is_pending_with_a_salted_password_hash(store: Store) -> None:
+    cfg = sub_config()
+    password = "jgajgworfsgsggsgg"
+    sub = {
+        "email": "First.Last@Example.com",
+        "password": password,
+        "profile": {"FIRST_NAME": "First", "OPTIN": False, "AGE": 33},
+        "remoteAddress": "192.168.1.1",
+        "userAgent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:86.0) "
+        "Gecko/20100101 Firefox/86.0",
+    }
+    answers = evaluate_subscribe(cfg, store, [{**SHOP, "mSubscriber": orjson.dumps(sub).decode()}])
+    assert answers == [{"result": "SUCCESS"}]
+    row = rows(store)["first.last@example.com"]
+    assert row["state"] == "pending"  # awaiting the double opt-in, never "subscribed"
+    assert row["email"] == "First.Last@example.com"
+    assert orjson.loads(row["profile"]) == {
+        "FIRST_NAME": "First",
+        "OPTIN": False,
+        "AGE": 33,
+        "CITY": "Paris",
+        "VIP": False,
+    }
+    stored = row["password_hash"]
+    assert password not in stored
+    assert verify_password(password, stored)
+    assert not verify_password(password + "x", stored)
+    # salted: the same password hashes differently for another subscriber
+    evaluate_subscribe(cfg, store, [{**SHOP, "mSubscriber": {**sub, "email": "b@example.com"}}])
+    other = rows(store)["b@example.com"]["password_hash"]
+    assert other != stored and verify_password(password, other)
+
+
+@pytest.mark.parametrize(
+    ("call_", "message"),
+    [
+        (
+            {"mOwner": "N10", "mListId": "HL#12", "mSubscriber": {"email": "a@example.com"}},
+            "Missing parameter mContainer",
+        ),
+        (
+            {"mContainer": "2", "mListId": "HL#12", "mSubscriber": {"email": "a@example.com"}},
+            "Missing parameter mOwner",
+        ),
+        (
+            {
+                "mContainer": "2",
+                "mOwner": "N10",
+                "mListId": "",
+                "mSubscriber": {"email": "a@x.com"},
+            },
+            "Missing parameter mListId",
+        ),
+        ({**PLAIN}, "Missing parameter mSubscriber"),
+        (
+            {**PLAIN, "mOwner": "N99", "mSubscriber": {"email": "a@example.com"}},
+            "Owner N99 does not exist",
+        ),
+        (
+            {**PLAIN, "mListId": "HL#99", "mSubscriber": {"email": "a@example.com"}},
+            "List HL#99 not found in list group 2",
+        ),
+        (
+            {**PLAIN, "mContainer": "7", "mSubscriber": {"email": "a@example.com"}},
+            "List HL#12 not found in list group 7",
+        ),
+        ({**PLAIN, "mSubscriber": '{"email":"a@example.com"'}, "mSubscriber is not valid JSON"),
+        ({**PLAIN, "mSubscriber": '["a@example.com"]'}, "mSubscriber is not a JSON object"),
+        ({**PLAIN, "mSubscriber": "{}"}, "Missing email address"),
+        ({**PLAIN, "mSubscriber": {"email": "  "}}, "Missing email address"),
+        ({**PLAIN, "mSubscriber": {"email": "first.last"}}, "Invalid email address: first.last"),
+        # the subscriber data is judged before the list's status (docstring order)
+        (
+            {"mContainer": "5", "mOwner": "N10", "mListId": "HL#30", "mSubscriber": {}},
+            "Missing email address",
+        ),
+    ],
+)
+def test_subscribe_parameter_validation_error(
+    store: Store, call_: dict[str, Any], message: str
+) -> None:
+    answers = evaluate_subscribe(sub_config(), store, [call_])
+    assert answers == [failed("PARAMETER_VALIDATION_ERROR", message)]
+    assert rows(store, "plain") == {}
+
+
+def test_subscribe_not_possible(store: Store) -> None:
+    closed = {
+        "mContainer": "5",
+        "mOwner": "N10",
+        "mListId": "HL#30",
+        "mSubscriber": {"email": "a@example.com"},
+    }
+    assert evaluate_subscribe(sub_config(), store, [closed]) == [
+        failed("SUBSCRIBE_NOT_POSSIBLE", "Subscribes to list HL#30 are not allowed")
+    ]
+    gone = {**PLAIN, "mSubscriber": {"email": "a@example.com"}}
+    assert evaluate_subscribe(sub_config(missing_lists=["plain"]), store, [gone]) == [
+        failed("SUBSCRIBE_NOT_POSSIBLE", "List HL#12 is not open for subscribes")
+    ]
+    assert rows(store, "closed") == {} and rows(store, "plain") == {}
+
+
+def test_subscribe_already_subscribed_ignores_the_profile(store: Store) -> None:
+    seed(store, "ann@example.com", profile={"FIRST_NAME": "Old", "OPTIN": True})
+    before = rows(store)
+    sub = {
+        "email": "Ann@example.com",
+        "password": "new-secret",
+        "profile": {"FIRST_NAME": "New", "OPTIN": False},
+    }
+    assert evaluate_subscribe(sub_config(), store, [{**SHOP, "mSubscriber": sub}]) == [
+        failed("ALREADY_SUBSCRIBED", "The address is already subscribed to the list")
+    ]
+    assert rows(store) == before
+
+
+def test_subscribe_authentication_required(store: Store) -> None:
+    seed(store, "ann@example.com", list_name="plain")
+    seed(store, "pend@example.com", list_name="plain", state="pending")
+    seed(store, "far@example.com", list_name="elsewhere")
+    calls = [
+        {**SHOP, "mSubscriber": {"email": "ann@example.com", "profile": GOOD}},
+        # pending in the group is not registered; another group does not count
+        {**SHOP, "mSubscriber": {"email": "pend@example.com", "profile": GOOD}},
+        {**SHOP, "mSubscriber": {"email": "far@example.com", "profile": GOOD}},
+    ]
+    answers = evaluate_subscribe(sub_config(), store, calls, "https://lists.example.org/")
+    assert answers == [
+        failed(
+            "AUTHENTICATION_REQUIRED",
+            "The address is already registered in the list group; the subscriber must "
+            "authenticate to subscribe",
+            externalSubscribeURL="https://lists.example.org/list/subscribe.html"
+            "?mContainer=2&mOwner=N10&mListId=HL%2314&email=ann%40example.com",
+        ),
+        {"result": "SUCCESS"},
+        {"result": "SUCCESS"},
+    ]
+    assert set(rows(store)) == {"pend@example.com", "far@example.com"}
+
+
+def test_subscribe_profile_validation_error_one_detail_per_field(store: Store) -> None:
+    cfg = sub_config()
+    bad = {"FIRST_NAME": 5, "AGE": "41", "COLOR": "blue", "NOPE": 1, "VIP": "yes", "OPTIN": True}
+    calls = [
+        {**SHOP, "mSubscriber": {"email": "a@example.com", "profile": bad}},
+        {**SHOP, "mSubscriber": {"email": "b@example.com"}},
+        # a null value is no value: the mandatory field and the boolean still miss theirs
+        {
+            **SHOP,
+            "mSubscriber": {
+                "email": "c@example.com",
+                "profile": {"FIRST_NAME": None, "OPTIN": None, "CITY": None},
+            },
+        },
+        {**SHOP, "mSubscriber": {"email": "d@example.com", "profile": ["Ann"]}},
+    ]
+    assert evaluate_subscribe(cfg, store, calls) == [
+        failed("PROFILE_VALIDATION_ERROR", "Profile validation error", details=d)
+        for d in (
+            [
+                "FIRST_NAME: 5 is not text",
+                "AGE: '41' is not an integer",
+                "COLOR: 'blue' is not one of the lookup values",
+                "NOPE: unknown profile field",
+                "VIP: 'yes' is not a boolean",
+            ],
+            ["FIRST_NAME: mandatory field has no value", "OPTIN: mandatory field has no value"],
+            ["FIRST_NAME: mandatory field has no value", "OPTIN: mandatory field has no value"],
+            ["profile: not a JSON object"],
+        )
+    ]
+    assert rows(store) == {}
+
+
+def test_subscribe_same_address_twice_in_one_batch_keeps_the_last(store: Store) -> None:
+    calls = [
+        {**SHOP, "mSubscriber": {"email": "z@example.com", "profile": {**GOOD, "AGE": 1}}},
+        {**SHOP, "mSubscriber": {"email": "z@example.com", "profile": {**GOOD, "AGE": 2}}},
+    ]
+    assert evaluate_subscribe(sub_config(), store, calls) == [{"result": "SUCCESS"}] * 2
+    assert profile_of(store, "z@example.com")["AGE"] == 2
+
+
+# == yesmail-send ====================================================================
+
+QUEUED = "Send email request queued successfully."
+COMPLETED = "Send email request completed."
+
+
+def send(store: Store, recipients: list[Any], ref: str | None = None, **flags: Any) -> Any:
+    body = {"content": {"templateId": "1465362"}, **flags, "recipients": recipients}
+    return evaluate_send(store, body, "jefftronics3", ref)
+
+
+def ym_seed(
+    store: Store,
+    email: str,
+    divisions: set[str],
+    status: str = "active",
+    attrs: dict[str, Any] | None = None,
+    id_: str | None = None,
+) -> None:
+    with store.begin() as conn:
+        store.upsert_ym_subscriber(
+            conn,
+            email,
+            {
+                "email": email,
+                "id": id_ or email,
+                "status": status,
+                "attrs": orjson.dumps(attrs or {}).decode(),
+            },
+        )
+        store.set_ym_subscriptions(conn, email, divisions)
+
+
+def ym(store: Store, email: str) -> tuple[dict[str, Any] | None, set[str]]:
+    with store.begin() as conn:
+        subs, divs = store.ym_state(conn, [email])
+    return subs.get(email), divs.get(email, set())
+
+
+def assert_400(answer: Any, message: str) -> None:
+    assert answer.status is YesmailStatus.BAD_REQUEST
+    assert answer.body == {"status": 400, "message": message}
+    assert answer.ticket is None and answer.async_results is None
+
+
+def test_yesmail_400_mixed_case_email(store: Store) -> None:
+    a = send(
+        store,
+        [
+            {"email": "jerry.garcia@yesmail.com", "id": "j"},
+            {"email": "Jerry.Garcia@yesmail.com", "id": "J"},
+        ],
+    )
+    assert_400(a, "recipients[1]: subscriber email address is mixed case")
+    assert ym(store, "jerry.garcia@yesmail.com") == (None, set())
+
+
+def test_yesmail_400_new_subscriber_needs_id_and_email(store: Store) -> None:
+    ym_seed(store, "known@example.com", {"A"}, id_="K-1")
+    msg = "A new subscriber requires both id and email"
+    assert_400(send(store, [{"email": "new@example.com"}], transactional=True), msg)
+    assert_400(send(store, [{"id": "NEW-1"}], transactional=True), msg)
+    assert_400(
+        send(store, [{}], transactional=True), "recipients[0]: one of id or email must be specified"
+    )
+    assert_400(send(store, [{"id": ["K-1"]}]), "recipients[0]: id must be a string")
+    assert_400(send(store, [{"email": "bad@", "id": "x"}]), "recipients[0]: invalid email address")
+    assert ym(store, "new@example.com") == (None, set())
+    # a known subscriber needs only one of them, by email or by id
+    assert send(store, [{"email": "known@example.com"}]).status is YesmailStatus.ACCEPTED
+    assert send(store, [{"id": "K-1"}]).status is YesmailStatus.ACCEPTED
+    # a new one with both is added
+    assert send(store, [{"email": "new@example.com", "id": "N"}]).status is YesmailStatus.ACCEPTED
+    assert ym(store, "new@example.com")[0] is not None
+
+
+def test_yesmail_400_update_profile_without_id(store: Store) -> None:
+    ym_seed(store, "known@example.com", set())
+    a = send(
+        store,
+        [{"email": "known@example.com", "profile": {"userAttrs": [{"a": 1}]}}],
+        updateProfile=True,
+    )
+    assert_400(a, "recipients[0]: id is required when updateProfile is true")
+    assert ym(store, "known@example.com")[0]["attrs"] == "{}"  # type: ignore[index]
+
+
+def test_yesmail_409_not_a_member_stores_nothing(store: Store) -> None:
+    jerry = {
+        "email": "jerry.garcia@yesmail.com",
+        "id": "jerry.garcia@yesmail.com",
+        "profile": {"userAttrs": [{"lastName": "Garcia"}, {"firstName": "Jerry"}]},
+        "subscriptions": {"isMemberOf": ["Banjo Lovers"]},
+    }
+    first = {"email": "bob@example.com", "id": "bob", "subscriptions": {"add": ["Banjo Lovers"]}}
+    a = send(store, [first, jerry], transactional=False, updateProfile=False)
+    assert a.status is YesmailStatus.CONFLICT
+    assert a.body == {
+        "status": 409,
+        "message": "Subscriber must be a memberOf one of '[Banjo Lovers]'.",
+    }
+    assert a.ticket is None and a.per_recipient == []
+    assert ym(store, "bob@example.com") == (None, set())
+    assert ym(store, "jerry.garcia@yesmail.com") == (None, set())
+    two = {**jerry, "subscriptions": {"isMemberOf": ["Banjo Lovers", "9 finger club"]}}
+    assert send(store, [two]).body == {
+        "status": 409,
+        "message": "Subscriber must be a memberOf one of '[Banjo Lovers, 9 finger club]'.",
+    }
+    # transactional: no check; a member (after add) passes too
+    assert send(store, [jerry], transactional=True).status is YesmailStatus.ACCEPTED
+    joined = {**jerry, "subscriptions": {"add": ["Banjo Lovers"], "isMemberOf": ["Banjo Lovers"]}}
+    assert send(store, [joined]).status is YesmailStatus.ACCEPTED
+    # removed before the check: not a member any more
+    left = {**jerry, "subscriptions": {"remove": ["*"], "isMemberOf": ["Banjo Lovers"]}}
+    assert send(store, [left]).status is YesmailStatus.CONFLICT
+    assert ym(store, "jerry.garcia@yesmail.com")[1] == {"Banjo Lovers"}
+
+
+def test_yesmail_remove_before_add(store: Store) -> None:
+    ym_seed(store, "a@example.com", {"X", "Y"})
+    subs = {"remove": ["X"], "add": ["X"]}
+    assert send(store, [{"email": "a@example.com", "subscriptions": subs}]).status == 202
+    assert ym(store, "a@example.com")[1] == {"X", "Y"}
+    subs = {"remove": ["*"], "add": ["Z"]}
+    send(store, [{"email": "a@example.com", "subscriptions": subs}])
+    assert ym(store, "a@example.com")[1] == {"Z"}
+    send(store, [{"email": "a@example.com", "subscriptions": {"add": ["W"], "remove": ["Z"]}}])
+    assert ym(store, "a@example.com")[1] == {"W"}
+    send(store, [{"email": "a@example.com", "subscriptions": {"remove": ["*"]}}])
+    assert ym(store, "a@example.com")[1] == set()
+
+
+def test_yesmail_same_subscriber_twice_in_one_request(store: Store) -> None:
+    recips = [
+        {"email": "j@example.com", "id": "J", "subscriptions": {"add": ["A"]}},
+        {"email": "j@example.com", "subscriptions": {"add": ["B"]}},  # exists by now
+    ]
+    a = send(store, recips, transactional=True)
+    assert a.status is YesmailStatus.ACCEPTED
+    assert ym(store, "j@example.com")[1] == {"A", "B"}
+
+
+def status_after(store: Store, email: str, subs: dict[str, Any]) -> str:
+    a = send(store, [{"email": email, "id": email, "subscriptions": subs}], transactional=True)
+    assert a.status is YesmailStatus.ACCEPTED
+    row = ym(store, email)[0]
+    assert row is not None
+    return str(row["status"])
+
+
+def test_yesmail_set_referred_new_only(store: Store) -> None:
+    assert status_after(store, "new1@example.com", {"setReferred": "newOnly"}) == "referred"
+    ym_seed(store, "old@example.com", set())
+    assert status_after(store, "old@example.com", {"setReferred": "newOnly"}) == "active"
+    # with add: ignored
+    add = {"setReferred": "newOnly", "add": ["A"]}
+    assert status_after(store, "new2@example.com", add) == "active"
+    # with remove and newOnly: ignored
+    rem = {"setReferred": "newOnly", "remove": ["A"]}
+    assert status_after(store, "new3@example.com", rem) != "referred"
+
+
+def test_yesmail_set_referred_new_or_not_subscribed(store: Store) -> None:
+    ref = {"setReferred": "newOrNotSubscribed"}
+    assert status_after(store, "new@example.com", ref) == "referred"
+    ym_seed(store, "none@example.com", set())
+    assert status_after(store, "none@example.com", ref) == "referred"
+    ym_seed(store, "member@example.com", {"A"})
+    assert status_after(store, "member@example.com", ref) == "active"
+    assert ym(store, "member@example.com")[1] == {"A"}
+    # with add: ignored
+    assert status_after(store, "new2@example.com", {**ref, "add": ["A"]}) == "active"
+    # with remove (not newOnly): referred once no division is left
+    ym_seed(store, "leaving@example.com", {"A"})
+    assert status_after(store, "leaving@example.com", {**ref, "remove": ["A"]}) == "referred"
+    bad = send(
+        store, [{"email": "x@example.com", "id": "x", "subscriptions": {"setReferred": "always"}}]
+    )
+    assert_400(bad, "recipients[0]: setReferred must be newOnly or newOrNotSubscribed")
+
+
+def test_yesmail_202_ticket_and_async_results(store: Store) -> None:
+    ym_seed(store, "gone@example.com", {"A"}, status="unsubscribed")
+    ym_seed(store, "dead@example.com", set(), status="dead")
+    recips = [
+        {
+            "email": "mickey.hart@yesmail.com",
+            "id": "mickey.hart@yesmail.com",
+            "profile": {"userAttrs": [{"lastName": "Mickey"}, {"firstName": "Hart"}]},
+        },
+        {"email": "gone@example.com"},
+        {"email": "phil.lesh@yesmail.com", "id": "phil.lesh@yesmail.com"},
+        {"email": "dead@example.com"},
+    ]
+    a = send(store, recips, ref="PO611", transactional=False, updateProfile=False)
+    assert a.status is YesmailStatus.ACCEPTED
+    # the initial response is the ticket as queued
+    assert a.body["state"] == "accepted" and a.body["message"] == QUEUED
+    assert [e["state"] for e in a.body["events"]] == ["accepted"]
+    assert a.body["events"][0]["message"] == QUEUED
+    assert a.body["lastUpdate"] == a.body["events"][0]["time"]
+    t = a.ticket
+    assert t is not None and t["id"] == a.body["id"]
+    assert set(t) >= {"id", "state", "message", "request", "response", "events", "lastUpdate"}
+    assert [e["state"] for e in t["events"]] == ["accepted", "processing", "completed"]
+    assert [e["message"] for e in t["events"]] == [
+        QUEUED,
+        "update Ticket for AsyncResult info",
+        COMPLETED,
+    ]
+    assert (t["state"], t["message"]) == ("completed", COMPLETED)
+    assert t["lastUpdate"] == t["events"][-1]["time"]
+    times = [e["time"] for e in t["events"]]
+    assert times == sorted(times)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", x) for x in times)
+    req = t["request"]
+    assert set(req) == {"id", "user", "time", "uri"}
+    assert req["user"] == "jefftronics3"
+    assert req["uri"] == "https://api.yesmail.com/v2/emails/send?responseRef=PO611"
+    assert req == a.body["request"]
+    r = a.async_results
+    assert r is not None
+    assert t["response"]["location"] == f"https://api.yesmail.com/v2/async-results/{r['id']}"
+    assert t["response"]["ref"] == "PO611"
+    # not transactional: the unsubscribed and the dead are ignored
+    assert a.per_recipient == ["completed", "ignored", "completed", "ignored"]
+    assert r["counts"] == {"requested": 4, "total": 4, "completed": 2, "ignored": 2, "failed": 0}
+    c = r["counts"]
+    assert c["completed"] + c["ignored"] + c["failed"] == c["total"] == c["requested"] == 4
+    index = {k: [x["index"] for x in r[k]] for k in ("completed", "ignored", "failed")}
+    assert index == {"completed": [0, 2], "ignored": [1, 3], "failed": []}
+    assert sorted(i for found in index.values() for i in found) == [0, 1, 2, 3]
+    assert r["lastUpdated"] == t["lastUpdate"]
+    # updateProfile false: the attributes only personalize, they are not stored
+    assert ym(store, "mickey.hart@yesmail.com")[0]["attrs"] == "{}"  # type: ignore[index]
+
+    # transactional: everyone completed
+    b = send(store, recips, transactional=True)
+    assert b.per_recipient == ["completed"] * 4
+    assert b.async_results["counts"] == {
+        "requested": 4,
+        "total": 4,
+        "completed": 4,
+        "ignored": 0,
+        "failed": 0,
+    }
+    assert b.ticket["request"]["uri"] == "https://api.yesmail.com/v2/emails/send"
+    assert b.body["response"] is None  # no ref, nothing to report yet
+
+
+def test_yesmail_update_profile_stores_the_attributes(store: Store) -> None:
+    ym_seed(
+        store,
+        "jerry.garcia@yesmail.com",
+        set(),
+        attrs={"lastName": "Old", "city": "SF"},
+        id_="jerry.garcia@yesmail.com",
+    )
+    jerry = {
+        "email": "jerry.garcia@yesmail.com",
+        "id": "jerry.garcia@yesmail.com",
+        "profile": {
+            "userAttrs": [
+                {"lastName": "Garcia"},
+                {"firstName": "Jerry"},
+                {"Birth Date": "1942-08-01"},
+            ]
+        },
+        "subscriptions": {"add": ["Banjo Lovers", "9 finger club"]},
+    }
+    assert send(store, [jerry], updateProfile=True).status is YesmailStatus.ACCEPTED
+    row, divs = ym(store, "jerry.garcia@yesmail.com")
+    assert row is not None
+    assert orjson.loads(row["attrs"]) == {
+        "lastName": "Garcia",
+        "city": "SF",
+        "firstName": "Jerry",
+        "Birth Date": "1942-08-01",
+    }
+    assert divs == {"Banjo Lovers", "9 finger club"}

@@ -1,0 +1,146 @@
+"""The state store: schema versioning, idempotent upserts, lookups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline.errors import MailpipeError
+from pipeline.store import SCHEMA_VERSION, Store, email_key, meta, profile_json
+
+
+def sub(email: str, **row: Any) -> dict[str, Any]:
+    return {
+        "list": row.pop("list", "shop"),
+        "email_key": email_key(email),
+        "email": email,
+        "state": row.pop("state", "subscribed"),
+        "bounces": row.pop("bounces", 0),
+        "suspended": row.pop("suspended", False),
+        "profile": profile_json(row.pop("profile", {})),
+        **row,
+    }
+
+
+def test_schema_created_on_first_use_with_its_version(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "s.db"
+    store = Store(f"sqlite:///{path}")
+    assert path.exists()
+    tables = set(sa.inspect(store.engine).get_table_names())
+    assert tables >= {
+        "meta",
+        "subscribers",
+        "suppression",
+        "mail_jobs",
+        "mail_counts",
+        "ym_subscribers",
+        "ym_subscriptions",
+    }
+    with store.begin() as conn:
+        version = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version"))
+        assert version.scalar_one() == str(SCHEMA_VERSION) == "1"
+    store.close()
+    # opened again: the same version, one row
+    store = Store(f"sqlite:///{path}")
+    with store.begin() as conn:
+        assert conn.execute(sa.select(meta)).all() == [("schema_version", "1")]
+    store.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    store = Store(url)
+    with store.begin() as conn:
+        conn.execute(
+            meta.update()
+            .where(meta.c.key == "schema_version")
+            .values(value=str(SCHEMA_VERSION + 1))
+        )
+    store.close()
+    with pytest.raises(MailpipeError) as info:
+        Store(url)
+    assert info.value.message == (
+        f"store sqlite:///{tmp_path}/s.db has schema version 2, "
+        "newer than this mailpipe (1); upgrade mailpipe"
+    )
+
+
+def test_reupserting_identical_subscribers_changes_nothing(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    batch = [
+        sub("ann@example.com", profile={"FIRST_NAME": "Ann", "TAGS": ["a"]}),
+        sub("Bob@Example.com", state="pending", bounces=2, suspended=True, password_hash="h"),
+        sub("ann@example.com", list="news"),
+    ]
+    with store.begin() as conn:
+        assert store.upsert_subscribers(conn, batch) == (3, 0)
+    before = list(store.iter_subscribers("shop"))
+    with store.begin() as conn:
+        assert store.upsert_subscribers(conn, batch) == (0, 0)
+        assert store.upsert_subscribers(conn, []) == (0, 0)
+    assert list(store.iter_subscribers("shop")) == before  # not even "updated" moved
+    # a real change counts once
+    with store.begin() as conn:
+        assert store.upsert_subscribers(conn, [sub("ann@example.com", state="unsubscribed")]) == (
+            0,
+            1,
+        )
+    assert {r["email_key"]: r["state"] for r in store.iter_subscribers("shop")} == {
+        "ann@example.com": "unsubscribed",
+        "bob@example.com": "pending",
+    }
+    store.close()
+
+
+def test_same_subscriber_twice_in_one_upsert_keeps_the_later_values(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    rows = [
+        sub("z@example.com", state="pending", profile={"AGE": 1}),
+        sub("Z@example.com", state="pending", profile={"AGE": 2}),
+    ]
+    with store.begin() as conn:
+        assert store.upsert_subscribers(conn, rows) == (1, 0)
+    (row,) = store.iter_subscribers("shop")
+    assert (row["email"], row["profile"]) == ("Z@example.com", '{"AGE":2}')
+    with store.begin() as conn:
+        assert store.upsert_subscribers(conn, rows) == (0, 0)
+        assert store.upsert_subscribers(conn, rows[:1]) == (0, 1)
+        assert store.upsert_subscribers(conn, rows) == (0, 1)
+    (row,) = store.iter_subscribers("shop")
+    assert row["profile"] == '{"AGE":2}'
+    store.close()
+
+
+def test_suppression_and_yesmail_lookups(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    entry = {
+        "email_key": "a@example.com",
+        "email": "A@example.com",
+        "reason": "r",
+        "added_at": "2024-01-01",
+    }
+    with store.begin() as conn:
+        assert store.upsert_suppression(conn, [entry, entry]) == 1
+        assert store.upsert_suppression(conn, [entry]) == 0
+        assert store.suppressed(conn, ["a@example.com", "b@example.com"]) == {"a@example.com"}
+        store.upsert_ym_subscriber(
+            conn, "j@example.com", {"email": "j@example.com", "id": "J-1", "status": "active"}
+        )
+        assert store.set_ym_subscriptions(conn, "j@example.com", {"A"}) is True
+        assert store.set_ym_subscriptions(conn, "j@example.com", {"A"}) is False
+        assert store.ym_keys_by_id(conn, ["J-1", "nope"]) == {"J-1": "j@example.com"}
+    assert store.ym_divisions("j@example.com") == {"A"}
+    store.close()
+
+
+def test_mail_jobs_follow_the_config(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    store.sync_mail_jobs({"a": "authorized", "b": "closed"})
+    store.sync_mail_jobs({"b": "not-authorized"})
+    with store.begin() as conn:
+        assert store.mail_job_state(conn, "a") is None
+        assert store.mail_job_state(conn, "b") == "not-authorized"
+    store.close()
