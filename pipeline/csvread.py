@@ -84,7 +84,7 @@ def read_csv(
         # on a fallback the stdlib reader re-reads (and counts) the blank lines after
         # the block's first record; only those before it are counted here
         lead_blank = int(np.argmax(~blank))
-        qpos = np.flatnonzero(block.arr == ctx.quote)
+        qpos = block.quotes if block.quotes is not None else np.flatnonzero(block.arr == ctx.quote)
         if not _quotes_regular(block.arr, qpos, ctx.delim, ctx.quote):
             stats.blank_lines += lead_blank
             rest = itertools.chain([block.data[int(starts[0]) :]], scanner.rest())
@@ -133,74 +133,122 @@ def _fast_block(
     lines: np.ndarray,
     ctx: _Ctx,
 ) -> _BatchArgs | None:
+    """Read a block of regularly quoted records; None when pyarrow splits it otherwise.
+
+    The common block has no bad record: pyarrow parses it in one call and
+    reports no ragged row, and nothing is counted per record. Only a block
+    with a ragged row or bad bytes pays for counting every record's fields.
+    """
     arr, data, n = block.arr, block.data, starts.size
     lo, hi = int(starts[0]), int(ends[-1])
-
-    def rec_of(pos: np.ndarray) -> np.ndarray:
-        pos = pos[(pos >= lo) & (pos < hi)]
-        found: np.ndarray = np.searchsorted(starts, pos, side="right") - 1
-        return found
-
-    def inside_quotes(pos: np.ndarray) -> np.ndarray:
-        inside: np.ndarray = (np.searchsorted(qpos, pos) & 1) == 1
-        return inside
-
-    delims = np.flatnonzero(arr == ctx.delim)
-    fields = np.bincount(rec_of(delims[~inside_quotes(delims)]), minlength=n) + 1
-    reasons: list[str | None] = [None] * n
-    for i in np.flatnonzero(fields != ctx.ncols).tolist():
-        reasons[i] = f"row has {fields[i]} fields, the header has {ctx.ncols}"
+    reasons: dict[int, str] = {}
+    utf8_ok = _find_undecodable(data, starts, ends, reasons)
     if block.final and qpos[qpos >= lo].size & 1:
         reasons[n - 1] = (
             "unterminated quote: this record runs to the end of the file "
             f"({int(np.count_nonzero(arr[int(starts[-1]) : arr.size - 1] == _NL)) + 1} "
             "lines from here)"
         )
-    utf8_ok = _find_undecodable(data, starts, ends, reasons)
-    good = np.fromiter((r is None for r in reasons), dtype=bool, count=n)
-    # records whose values may need JSON escaping: backslash, control characters,
-    # doubled quotes, line breaks inside quotes
-    esc = np.zeros(n, dtype=bool)
-    esc[
-        rec_of(np.flatnonzero(((arr < 0x20) & (arr != _NL) & (arr != _CR)) | (arr == _BACKSLASH)))
-    ] = True
-    # a doubled quote inside a quoted value closes (odd quote) and reopens at once;
-    # an empty quoted value ("") opens (even quote) and closes at once and needs nothing
-    pairs = np.flatnonzero(np.diff(qpos) == 1)
-    esc[rec_of(qpos[pairs[(pairs & 1) == 1]])] = True
-    if ctx.quote != _DQUOTE:
-        esc[rec_of(np.flatnonzero(arr == _DQUOTE))] = True
-    if qpos.size:
-        breaks = np.flatnonzero((arr == _NL) | (arr == _CR))
-        esc[rec_of(breaks[inside_quotes(breaks)])] = True
-    raw = _raw_array(data, starts, ends, utf8_ok)
     view = memoryview(data)
-    table: pa.Table | None
-    if good.all():
-        table = _parse_with_arrow(view[lo:], ctx)
-    elif good.any():
+    table: pa.Table | None = None
+    if not reasons:
+        table = _parse_with_arrow(view[lo:], ctx, strict=True)
+        if table is not None and table.num_rows != n:
+            table = None
+    if table is None:
+        _count_fields(arr, qpos, starts, ends, ctx, reasons)
+    good = np.ones(n, dtype=bool)
+    if reasons:
+        good[list(reasons)] = False
         gi = np.flatnonzero(good)
-        table = _parse_with_arrow(
-            b"\n".join(view[s:e] for s, e in zip(starts[gi].tolist(), ends[gi].tolist())), ctx
-        )
-    else:
-        table = pa.table({f"c{i}": pa.array([], pa.string()) for i in set(ctx.colmap.values())})
+        if gi.size:
+            joined = b"\n".join(view[s:e] for s, e in zip(starts[gi].tolist(), ends[gi].tolist()))
+            table = _parse_with_arrow(joined, ctx)
+        else:
+            table = pa.table({f"c{i}": pa.array([], pa.string()) for i in set(ctx.colmap.values())})
+    elif table is None:
+        table = _parse_with_arrow(view[lo:], ctx)
     if table is None or table.num_rows != int(good.sum()):
         return None
-    values = _scatter(table, good, ctx)
+    reason_col = (
+        pa.array([reasons.get(i) for i in range(n)], pa.string())
+        if reasons
+        else pa.nulls(n, pa.string())
+    )
     return (
         ctx.schema,
         ctx.file_id,
         lines,
-        raw,
-        pa.array(esc),
-        pa.array(reasons, pa.string()),
-        values,
+        _raw_array(data, starts, ends, utf8_ok),
+        pa.array(_needs_escaping(block, qpos, starts, lo, hi, ctx)),
+        reason_col,
+        _scatter(table, good, ctx),
     )
 
 
+def _record_of(starts: np.ndarray, lo: int, hi: int, pos: np.ndarray) -> np.ndarray:
+    pos = pos[(pos >= lo) & (pos < hi)]
+    found: np.ndarray = np.searchsorted(starts, pos, side="right") - 1
+    return found
+
+
+def _inside_quotes(qpos: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    inside: np.ndarray = (np.searchsorted(qpos, pos) & 1) == 1
+    return inside
+
+
+def _count_fields(
+    arr: np.ndarray,
+    qpos: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    ctx: _Ctx,
+    reasons: dict[int, str],
+) -> None:
+    """Mark the records whose field count differs from the header's."""
+    delims = np.flatnonzero(arr == ctx.delim)
+    outside = delims[~_inside_quotes(qpos, delims)]
+    fields = np.searchsorted(outside, ends) - np.searchsorted(outside, starts) + 1
+    for i in np.flatnonzero(fields != ctx.ncols).tolist():
+        reasons.setdefault(i, f"row has {fields[i]} fields, the header has {ctx.ncols}")
+
+
+def _needs_escaping(
+    block: Block, qpos: np.ndarray, starts: np.ndarray, lo: int, hi: int, ctx: _Ctx
+) -> np.ndarray:
+    """Per record: may a value hold a character JSON must escape?
+
+    Backslashes, control characters, doubled quotes and line breaks inside
+    quotes; each is looked for only when the block holds one at all.
+    """
+    arr, data, n = block.arr, block.data, starts.size
+    esc = np.zeros(n, dtype=bool)
+
+    def mark(pos: np.ndarray) -> None:
+        esc[_record_of(starts, lo, hi, pos)] = True
+
+    if b"\\" in data:
+        mark(np.flatnonzero(arr == _BACKSLASH))
+    n_cr = data.count(b"\r")
+    if np.count_nonzero(arr < 0x20) > block.newlines.size + n_cr:
+        mark(np.flatnonzero((arr < 0x20) & (arr != _NL) & (arr != _CR)))
+    # a doubled quote inside a quoted value closes (odd quote) and reopens at once;
+    # an empty quoted value ("") opens (even quote) and closes at once and needs nothing
+    pairs = np.flatnonzero(np.diff(qpos) == 1)
+    mark(qpos[pairs[(pairs & 1) == 1]])
+    if ctx.quote != _DQUOTE and b'"' in data:
+        mark(np.flatnonzero(arr == _DQUOTE))
+    if qpos.size:
+        nl = block.newlines
+        mark(nl[_inside_quotes(qpos, nl)])
+        if n_cr:
+            cr = np.flatnonzero(arr == _CR)
+            mark(cr[_inside_quotes(qpos, cr)])
+    return esc
+
+
 def _find_undecodable(
-    data: bytes, starts: np.ndarray, ends: np.ndarray, reasons: list[str | None]
+    data: bytes, starts: np.ndarray, ends: np.ndarray, reasons: dict[int, str]
 ) -> bool:
     """Mark records that are not UTF-8; True when the whole block decodes."""
     if not data.isascii():
@@ -225,12 +273,16 @@ def _quotes_regular(arr: np.ndarray, qpos: np.ndarray, delim: int, quote: int) -
     """
     if qpos.size == 0:
         return True
+    may_precede = np.zeros(256, dtype=bool)
+    may_precede[[delim, _NL, quote]] = True
+    may_follow = may_precede.copy()
+    may_follow[_CR] = True
     opening, closing = qpos[0::2], qpos[1::2]
-    prev = np.where(opening > 0, arr[np.maximum(opening - 1, 0)], _NL)
-    nxt = np.where(closing + 1 < arr.size, arr[np.minimum(closing + 1, arr.size - 1)], _NL)
-    ok_open = (prev == delim) | (prev == _NL) | (prev == quote)
-    ok_close = (nxt == delim) | (nxt == _NL) | (nxt == _CR) | (nxt == quote)
-    return bool(ok_open.all() and ok_close.all())
+    if opening[0] == 0:  # a quote opening the block follows a line break
+        opening = opening[1:]
+    if closing.size and closing[-1] == arr.size - 1:  # and one closing it ends a line
+        closing = closing[:-1]
+    return bool(may_precede[arr[opening - 1]].all() and may_follow[arr[closing + 1]].all())
 
 
 def _raw_array(data: bytes, starts: np.ndarray, ends: np.ndarray, utf8_ok: bool) -> pa.Array:
@@ -260,14 +312,24 @@ def _raw_array(data: bytes, starts: np.ndarray, ends: np.ndarray, utf8_ok: bool)
     return pc.utf8_rtrim(arr, characters="\r\n").cast(pa.string())
 
 
-def _parse_with_arrow(block: bytes | memoryview, ctx: _Ctx) -> pa.Table | None:
+def _parse_with_arrow(
+    block: bytes | memoryview, ctx: _Ctx, strict: bool = False
+) -> pa.Table | None:
+    """pyarrow's parse of whole records; None if it fails (or, ``strict``, meets a ragged row)."""
     names = [f"c{i}" for i in range(ctx.ncols)]
     wanted = sorted(set(ctx.colmap.values()))
+    ragged = False
+
+    def on_invalid(row: object) -> str:
+        nonlocal ragged
+        ragged = True
+        return "skip"
+
     if bytes(block[:3]) == codecs.BOM_UTF8:  # a value, not a byte-order mark pyarrow would drop
         block = b"\n" + bytes(block)
     for block_size in (1 << 20, len(block) + 1):
         try:
-            return pacsv.read_csv(
+            table = pacsv.read_csv(
                 pa.py_buffer(block),
                 read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
                 parse_options=pacsv.ParseOptions(
@@ -276,6 +338,7 @@ def _parse_with_arrow(block: bytes | memoryview, ctx: _Ctx) -> pa.Table | None:
                     double_quote=True,
                     newlines_in_values=True,
                     ignore_empty_lines=True,
+                    invalid_row_handler=on_invalid if strict else None,
                 ),
                 convert_options=pacsv.ConvertOptions(
                     column_types={names[i]: pa.string() for i in wanted},
@@ -287,6 +350,8 @@ def _parse_with_arrow(block: bytes | memoryview, ctx: _Ctx) -> pa.Table | None:
         except pa.ArrowInvalid as e:
             if "straddl" not in str(e) and "block size" not in str(e):
                 return None
+            continue
+        return None if ragged else table
     return None
 
 

@@ -24,10 +24,13 @@ from pipeline.arrowutil import to_bool_np, trim
 __all__ = ["EmailVerdict", "check_emails"]
 
 _ATEXT = r"A-Za-z0-9_!#$%&'*+/=?^`{|}~-"
+# precomposed Latin letters (Latin-1 Supplement, Extended-A and -B, without × and ÷): the
+# library accepts them in a local part (SMTPUTF8) and NFC leaves them as they are
+_LATIN = r"\x{00C0}-\x{00D6}\x{00D8}-\x{00F6}\x{00F8}-\x{024F}"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _TLD = r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z])?"
 # what email-validator (check_deliverability=False) accepts for certain
-FAST_ACCEPT = rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@(?:{_LABEL}\.)+{_TLD}$"
+FAST_ACCEPT = rf"^[{_ATEXT}{_LATIN}]+(?:\.[{_ATEXT}{_LATIN}]+)*@(?:{_LABEL}\.)+{_TLD}$"
 # ... unless one of these holds, which the library judges itself
 _SPECIAL_USE = r"(?i)\.(?:arpa|invalid|local|localhost|onion|test)$"
 _DOUBLE_DASH = r"--"

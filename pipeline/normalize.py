@@ -256,9 +256,9 @@ class Normalizer:
         problem = pc.if_else(pa.array(readable), scatter(g_problem, row_g), "unreadable")
         message = pc.coalesce(reject, scatter(pa.array(g.message, pa.string()), row_g))
         failed = status == 1
-        raw = table.column("_raw").combine_chunks()
-        raw = pc.if_else(
-            pa.array(failed), _raw_or_json(raw, table, failed), pa.scalar(None, pa.string())
+        # only failed rows keep their text (for rejects.jsonl), in a compact array
+        raw = scatter(
+            _raw_or_json(table, np.flatnonzero(failed)), np.where(failed, np.cumsum(failed) - 1, -1)
         )
         dup = _spread(g.dup_where, row_g, -1)
         row_index = np.where(readable, np.cumsum(readable) - 1, -1)
@@ -362,14 +362,15 @@ def _first_valid(col: pa.Array, starts: np.ndarray) -> pa.Array:
     return scatter(col, np.where(first < n, first, -1))
 
 
-def _raw_or_json(raw: pa.Array, table: pa.Table, failed: np.ndarray) -> pa.Array:
-    """The raw text of failed rows; for Parquet (no text) the row's values as JSON."""
-    missing = np.flatnonzero(failed & ~to_bool_np(pc.is_valid(raw)))
+def _raw_or_json(table: pa.Table, rows: np.ndarray) -> pa.Array:
+    """The raw text of the given rows; for Parquet (no text) the row's values as JSON."""
+    raw = table.column("_raw").take(pa.array(rows, pa.int64())).combine_chunks()
+    missing = np.flatnonzero(~to_bool_np(pc.is_valid(raw)))
     if missing.size == 0:
         return raw
     names = [c for c in table.column_names if not c.startswith("_")]
-    rows = table.select(names).take(pa.array(missing)).to_pylist()
-    text = [orjson.dumps(r).decode() for r in rows]
+    values = table.select(names).take(pa.array(rows[missing])).to_pylist()
+    text = [orjson.dumps(r).decode() for r in values]
     mask = np.zeros(len(raw), dtype=bool)
     mask[missing] = True
     return pc.replace_with_mask(raw, pa.array(mask), pa.array(text, pa.string()))

@@ -174,4 +174,5 @@ class RunDir:
                 f"{self.path}: missing {path.relative_to(self.path)}; "
                 f"run `mailpipe {stage} {self.path}` again"
             )
-        return pa.ipc.open_stream(pa.memory_map(str(path)))
+        # read, not mapped: mapped pages of a large stage file would count against the RSS
+        return pa.ipc.open_stream(pa.OSFile(str(path), "rb"))

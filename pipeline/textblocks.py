@@ -35,6 +35,7 @@ class Block:
     ends: np.ndarray
     first_line: int
     final: bool
+    quotes: np.ndarray | None = None  # positions of the quote character, when one is set
 
     @property
     def lines(self) -> np.ndarray:
@@ -74,6 +75,7 @@ class BlockScanner:
                 continue
             arr = np.frombuffer(data, dtype=np.uint8)
             nl = np.flatnonzero(arr == _NL)
+            qpos = None
             if self._quote is not None:
                 qpos = np.flatnonzero(arr == self._quote)
                 term = nl[(np.searchsorted(qpos, nl) & 1) == 0]
@@ -99,6 +101,7 @@ class BlockScanner:
                 ends,
                 self._line,
                 final,
+                None if qpos is None else qpos[qpos < end],
             )
             self._line += int(block.newlines.size)
             yield block
