@@ -20,7 +20,7 @@ from pipeline.config import JobPlan
 from pipeline.payloads import builder_for
 from pipeline.payloads.base import Builder
 from pipeline.payloads.batching import Batch, Batcher
-from pipeline.rundir import RunDir
+from pipeline.rundir import BatchFileWriter, RunDir
 
 __all__ = ["BUILD_SCHEMA", "BatchCounter", "build_job", "primary_rows"]
 
@@ -58,50 +58,93 @@ def primary_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Table]:
             yield t
 
 
+class JobBuild:
+    """The build of one job, fed normalized batches in order (see :func:`build_job`).
+
+    Writes request files (in a background thread) and the build stage file;
+    ``counts`` tells recipients and batches once :meth:`finish` has run.
+    """
+
+    def __init__(
+        self, run: RunDir, plan: JobPlan, counter: BatchCounter, out: pa.ipc.RecordBatchStreamWriter
+    ) -> None:
+        self.builder = builder_for(plan)
+        self.batcher = Batcher(self.builder.batch_size, self.builder.budget())
+        self.counter = counter
+        self.out = out
+        self.files = run.batch_writer()
+        self.counts = {"recipients": 0, "batches": 0, "first_batch": 0, "last_batch": 0}
+
+    def feed(self, batch: pa.RecordBatch) -> list[int]:
+        for rows in primary_rows(iter([batch])):
+            items = self.builder.items(rows)
+            recs = rows.column("_rec").to_numpy()
+            done = self.batcher.feed(recs, self.builder.redacted(items), self.builder.costs(items))
+            _write_batches(
+                self.builder, list(done), self.counter, self.out, self.files, self.counts
+            )
+        return []
+
+    def finish(self) -> list[int]:
+        _write_batches(
+            self.builder,
+            list(self.batcher.finish()),
+            self.counter,
+            self.out,
+            self.files,
+            self.counts,
+        )
+        self.files.close()
+        return []
+
+
 def build_job(run: RunDir, plan: JobPlan, counter: BatchCounter) -> dict[str, int]:
     """Write the request files of one job and its build stage file. Returns counts."""
-    builder = builder_for(plan)
-    batcher = Batcher(builder.batch_size, builder.budget())
-    reader = run.stage_reader("normalize", plan.name)
-    counts = {"recipients": 0, "batches": 0, "first_batch": 0, "last_batch": 0}
     with run.stage_writer("build", plan.name, BUILD_SCHEMA) as out:
-        for rows in primary_rows(iter(reader)):
-            items = builder.items(rows)
-            recs = rows.column("_rec").to_numpy()
-            for batch in batcher.feed(recs, builder.redacted(items), builder.costs(items)):
-                _write_batch(run, builder, batch, counter, out, counts)
-        for batch in batcher.finish():
-            _write_batch(run, builder, batch, counter, out, counts)
-    return counts
+        job = JobBuild(run, plan, counter, out)
+        for batch in run.stage_reader("normalize", plan.name):
+            job.feed(batch)
+        job.finish()
+    return job.counts
 
 
-def _write_batch(
-    run: RunDir,
+def _write_batches(
     builder: Builder,
-    batch: Batch,
+    batches: list[Batch],
     counter: BatchCounter,
     out: pa.ipc.RecordBatchStreamWriter,
+    files: BatchFileWriter,
     counts: dict[str, int],
 ) -> None:
-    number = counter.take(builder.target)
-    bid = batch_id(builder.target, number)
-    head, tail = builder.envelope(bid)
-    run.write_batch_file(bid, "request", head + join_items(batch.items) + tail)
-    n = len(batch.recs)
+    """Request files for the batches, and one stage-file record batch for all of them."""
+    if not batches:
+        return
+    numbers = []
+    for batch in batches:
+        number = counter.take(builder.target)
+        bid = batch_id(builder.target, number)
+        head, tail = builder.envelope(bid)
+        files.add(bid, "request", head + batch.body + tail)
+        numbers.append(number)
+    files.flush()
+    sizes = np.array([len(b.recs) for b in batches])
     out.write_batch(
         pa.record_batch(
             [
-                pa.array(batch.recs, pa.int64()),
-                pa.array(np.full(n, number, dtype=np.int32)),
-                pa.array(np.arange(n, dtype=np.int32)),
+                pa.array(np.concatenate([b.recs for b in batches]), pa.int64()),
+                pa.array(np.repeat(np.array(numbers, dtype=np.int32), sizes)),
+                pa.array(
+                    np.arange(sizes.sum(), dtype=np.int32)
+                    - np.repeat(np.cumsum(sizes) - sizes, sizes).astype(np.int32)
+                ),
             ],
             schema=BUILD_SCHEMA,
         )
     )
-    counts["recipients"] += n
-    counts["batches"] += 1
-    counts["first_batch"] = counts["first_batch"] or number
-    counts["last_batch"] = number
+    counts["recipients"] += int(sizes.sum())
+    counts["batches"] += len(batches)
+    counts["first_batch"] = counts["first_batch"] or numbers[0]
+    counts["last_batch"] = numbers[-1]
 
 
 def join_items(items: pa.Array) -> bytes:

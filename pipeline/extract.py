@@ -54,7 +54,7 @@ __all__ = [
     "needs_escape",
 ]
 
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 PARQUET_BATCH = 65536
 PROVENANCE = ("_file", "_line", "_raw", "_esc", "_reject")
 _NEEDS_ESCAPE = r'["\\\x00-\x1f]'
@@ -108,7 +108,12 @@ def detect_format(path: str, declared: str) -> str:
 
 
 def extract_file(
-    path: str, file_id: int, source: SourceConfig, stats: FileStats, block_bytes: int = BLOCK_BYTES
+    path: str,
+    file_id: int,
+    source: SourceConfig,
+    stats: FileStats,
+    block_bytes: int = BLOCK_BYTES,
+    digest: bool = True,
 ) -> Iterator[pa.RecordBatch]:
     """Yield the records of one file as batches of :func:`extracted_schema`.
 
@@ -126,10 +131,10 @@ def extract_file(
     if stats.bytes == 0:
         raise InputFileError(path, "file is empty (0 bytes); export it again with a header line")
     schema = extracted_schema(source)
-    hasher = hashlib.sha256()
+    hasher = hashlib.sha256() if digest else None
     reader: Iterator[pa.RecordBatch]
     if fmt == "parquet":
-        stats.sha256 = file_sha256(path)
+        stats.sha256 = file_sha256(path) if digest else ""
         reader = _read_parquet(path, file_id, source, stats, schema)
     elif fmt == "jsonl":
         reader = _read_jsonl(path, file_id, source, stats, schema, block_bytes, hasher)
@@ -139,7 +144,7 @@ def extract_file(
         stats.rows += batch.num_rows
         stats.rejects += batch.num_rows - batch.column("_reject").null_count
         yield batch
-    if fmt != "parquet":
+    if hasher is not None and fmt != "parquet":
         stats.sha256 = hasher.hexdigest()
 
 

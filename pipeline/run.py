@@ -11,18 +11,26 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.build import BatchCounter, build_job
+from pipeline.build import BUILD_SCHEMA, BatchCounter, JobBuild, build_job
 from pipeline.config import MailpipeConfig, parse_config
 from pipeline.errors import ConfigError, InputFileError, RunDirError
-from pipeline.extract import FileStats, expand_inputs, extract_file, extracted_schema
+from pipeline.extract import (
+    FileStats,
+    expand_inputs,
+    extract_file,
+    extracted_schema,
+    file_sha256,
+)
+from pipeline.flow import run_chain
 from pipeline.normalize import InputRef, Normalizer
 from pipeline.results import ReportWriter
 from pipeline.rundir import STAGES, RunDir, now_iso
@@ -172,39 +180,77 @@ def run_stage(run: RunDir, cfg: MailpipeConfig, stage: str, progress: Progress =
     return result
 
 
+def _sources_of(manifest: dict[str, Any], cfg: MailpipeConfig) -> dict[str, list[dict[str, Any]]]:
+    """The run's sources in job order, each with its input entries."""
+    out: dict[str, list[dict[str, Any]]] = {cfg.jobs[j].source: [] for j in manifest["jobs"]}
+    for entry in manifest["inputs"]:
+        out.setdefault(entry["source"], []).append(entry)
+    return out
+
+
+def _extracted(
+    run: RunDir,
+    cfg: MailpipeConfig,
+    src: str,
+    entries: list[dict[str, Any]],
+    progress: Progress,
+    digest: bool = True,
+) -> Iterator[pa.RecordBatch]:
+    """Extract one source's files into its stage file, yielding the batches as they come.
+
+    Each entry gets its file's stats (rows, rejects, sha256, error).
+    """
+    source = cfg.sources[src]
+    with run.stage_writer("extract", src, extracted_schema(source)) as out:
+        for entry in entries:
+            stats = FileStats(entry["path"])
+            try:
+                for batch in extract_file(entry["path"], entry["id"], source, stats, digest=digest):
+                    out.write_batch(batch)
+                    progress("extract", batch.num_rows)
+                    yield batch
+            except InputFileError as e:
+                stats.error = e.message
+            except (OSError, ValueError) as e:  # a file that breaks mid-way
+                stats.error = f"{entry['path']}: could not be read to the end ({e})"
+            entry.update(
+                format=stats.format,
+                sha256=stats.sha256 or entry.get("sha256"),
+                bytes=stats.bytes,
+                rows=stats.rows,
+                rejects=stats.rejects,
+                blank_lines=stats.blank_lines,
+                error=stats.error,
+            )
+
+
 def _extract(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
     manifest = run.manifest()
-    inputs = manifest["inputs"]
-    by_source: dict[str, list[dict[str, Any]]] = {}
-    for entry in inputs:
-        by_source.setdefault(entry["source"], []).append(entry)
-    sources = list(dict.fromkeys(cfg.jobs[j].source for j in manifest["jobs"]))
-    for src in sources:
-        source = cfg.sources[src]
-        schema = extracted_schema(source)
-        with run.stage_writer("extract", src, schema) as out:
-            for entry in by_source.get(src, []):
-                stats = FileStats(entry["path"])
-                try:
-                    for batch in extract_file(entry["path"], entry["id"], source, stats):
-                        out.write_batch(batch)
-                        progress("extract", batch.num_rows)
-                except InputFileError as e:
-                    stats.error = e.message
-                except (OSError, ValueError) as e:  # a file that breaks mid-way
-                    stats.error = f"{entry['path']}: could not be read to the end ({e})"
-                entry.update(
-                    format=stats.format,
-                    sha256=stats.sha256,
-                    bytes=stats.bytes,
-                    rows=stats.rows,
-                    rejects=stats.rejects,
-                    blank_lines=stats.blank_lines,
-                    error=stats.error,
-                )
-    manifest = run.manifest()
-    manifest["inputs"] = inputs
-    run.write_manifest(manifest)
+    for src, entries in _sources_of(manifest, cfg).items():
+        for _ in _extracted(run, cfg, src, entries, progress):
+            pass
+    run.update_manifest(inputs=manifest["inputs"])
+
+
+class _NormalizeStep:
+    """Normalize one job's batches into its stage file, passing them on."""
+
+    def __init__(
+        self, norm: Normalizer, out: pa.ipc.RecordBatchStreamWriter, progress: Progress
+    ) -> None:
+        self.norm, self.out, self.progress = norm, out, progress
+
+    def _emit(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            self.out.write_batch(b)
+            self.progress("normalize", b.num_rows)
+            yield b
+
+    def feed(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        return self._emit(self.norm.feed(batch))
+
+    def finish(self) -> Iterator[pa.RecordBatch]:
+        return self._emit(self.norm.finish())
 
 
 def _normalize(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
@@ -215,13 +261,12 @@ def _normalize(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
         plan = cfg.plan(name)
         norm = Normalizer(plan, refs)
         with run.stage_writer("normalize", name, norm.schema) as out:
+            step = _NormalizeStep(norm, out, progress)
             for batch in run.stage_reader("extract", plan.source_name):
-                for b in norm.feed(batch):
-                    out.write_batch(b)
-                    progress("normalize", b.num_rows)
-            for b in norm.finish():
-                out.write_batch(b)
-                progress("normalize", b.num_rows)
+                for _ in step.feed(batch):
+                    pass
+            for _ in step.finish():
+                pass
         detail[name] = {"recipients": norm.recipients}
     run.update_manifest(counts=manifest["counts"])
 
@@ -246,6 +291,68 @@ def _build(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
         detail.setdefault(name, {}).update(counts)
         progress("build", counts["recipients"])
     run.update_manifest(counts=manifest["counts"])
+
+
+def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
+    """extract, normalize and build, each in its own thread, job after job.
+
+    The first job of a source reads the files as they are extracted; a later
+    job of the same source reads the extract stage file. Every stage file and
+    the manifest end up as if the stages had run one after the other.
+    """
+    manifest = run.manifest()
+    for stage in ("extract", "normalize", "build"):
+        manifest["stages"][stage] = {"state": "running", "started": now_iso()}
+    run.write_manifest(manifest)
+    t0 = time.perf_counter()
+    digests = _hash_inputs(manifest["inputs"])
+    refs = _input_refs(manifest["inputs"])
+    sources = _sources_of(manifest, cfg)
+    counter = BatchCounter()
+    detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
+    done: set[str] = set()
+    try:
+        for name in manifest["jobs"]:
+            plan = cfg.plan(name)
+            src = plan.source_name
+            if src in done:
+                feed: Iterator[pa.RecordBatch] = iter(run.stage_reader("extract", src))
+            else:
+                feed = _extracted(run, cfg, src, sources[src], progress, digest=False)
+                done.add(src)
+            norm = Normalizer(plan, refs)
+            with (
+                run.stage_writer("normalize", name, norm.schema) as nout,
+                run.stage_writer("build", name, BUILD_SCHEMA) as bout,
+            ):
+                job = JobBuild(run, plan, counter, bout)
+                run_chain(feed, [_NormalizeStep(norm, nout, progress), job])
+            detail[name] = {"recipients": norm.recipients, **job.counts}
+            progress("build", job.counts["recipients"])
+    except BaseException as e:
+        for stage in ("extract", "normalize", "build"):
+            manifest["stages"][stage].update(state="failed", error=str(e)[:500])
+        run.write_manifest(manifest)
+        raise
+    for entry in manifest["inputs"]:
+        entry["sha256"] = entry.get("sha256") or digests.get(entry["id"])
+    seconds = round(time.perf_counter() - t0, 3)
+    for stage in ("extract", "normalize", "build"):
+        manifest["stages"][stage].update(
+            state="completed", finished=now_iso(), seconds=seconds, together=True
+        )
+    run.write_manifest(manifest)
+
+
+def _hash_inputs(inputs: list[dict[str, Any]]) -> dict[int, str]:
+    """sha256 of every input that exists, before normalize needs to compare files."""
+    out: dict[int, str] = {}
+    for entry in inputs:
+        try:
+            entry["sha256"] = out[entry["id"]] = file_sha256(entry["path"])
+        except OSError:
+            continue
+    return out
 
 
 def _deliver(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
@@ -297,7 +404,11 @@ def run_pipeline(
             raise ConfigError("INPUT", f"{path}: no such file")
     run = start_run(cfg, jobs, inputs, out)
     summary: dict[str, Any] = {}
-    for stage in STAGES[: STAGES.index(until) + 1]:
+    stages = list(STAGES[: STAGES.index(until) + 1])
+    if stages[:3] == ["extract", "normalize", "build"]:
+        _build_stages_together(run, cfg, progress)
+        stages = stages[3:]
+    for stage in stages:
         result = run_stage(run, cfg, stage, progress)
         if stage == "report":
             summary = result

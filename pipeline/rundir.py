@@ -89,6 +89,10 @@ class RunDir:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
 
+    def batch_writer(self) -> BatchFileWriter:
+        """Writes batch files in a background thread (file I/O releases the GIL)."""
+        return BatchFileWriter(str(self.path / "batches"))
+
     def batch_file(self, batch_id: str, kind: str) -> Path:
         return self.path / "batches" / f"{batch_id}.{kind}.json"
 
@@ -176,3 +180,56 @@ class RunDir:
             )
         # read, not mapped: mapped pages of a large stage file would count against the RSS
         return pa.ipc.open_stream(pa.OSFile(str(path), "rb"))
+
+
+class BatchFileWriter:
+    """Batch files, written by one background thread, a chunk's worth at a time.
+
+    At most one chunk waits while another is written, so memory stays
+    bounded; :meth:`close` waits for the last one and raises its error, if any.
+    """
+
+    def __init__(self, directory: str) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self._dir = directory
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-files")
+        self._pending: Future[None] | None = None
+        self._files: list[tuple[str, bytes]] = []
+
+    def add(self, batch_id: str, kind: str, data: bytes) -> None:
+        self._files.append((f"{batch_id}.{kind}.json", data))
+
+    def flush(self) -> None:
+        files, self._files = self._files, []
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._write, files) if files else None
+
+    def _write(self, files: list[tuple[str, bytes]]) -> None:
+        for name, data in files:
+            fd = os.open(
+                os.path.join(self._dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE
+            )
+            try:
+                os.write(fd, data) if len(data) < (1 << 30) else _write_all(fd, data)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        self.flush()
+        if self._pending is not None:
+            self._pending.result()
+        self._pool.shutdown()
+
+    def __enter__(self) -> BatchFileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

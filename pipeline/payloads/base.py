@@ -8,15 +8,13 @@ from urllib.parse import quote
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import JobPlan
-from pipeline.payloads.jsonfrag import literal, member
+from pipeline.payloads.jsonfrag import field
 
 __all__ = ["REDACTED", "Builder", "encoded_bytes", "url_quote"]
 
 REDACTED = "***"
-_UNRESERVED = "[^A-Za-z0-9_.~-]"
 
 
 def url_quote(text: str) -> str:
@@ -24,13 +22,27 @@ def url_quote(text: str) -> str:
     return quote(text, safe="")
 
 
+_KEEP = np.zeros(256, dtype=bool)
+_KEEP[[ord(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.~-"]] = True
+
+
 def encoded_bytes(json_text: pa.Array) -> np.ndarray:
-    """Bytes each value takes once percent-encoded (unreserved bytes stay, others ×3)."""
-    total = pc.binary_length(json_text).to_numpy(zero_copy_only=False)
-    plain = pc.binary_length(pc.replace_substring_regex(json_text, _UNRESERVED, "")).to_numpy(
-        zero_copy_only=False
-    )
-    return np.asarray(plain + 3 * (total - plain), dtype=np.int64)
+    """Bytes each value takes once percent-encoded (unreserved bytes stay, others ×3).
+
+    Counted over the string buffer with a byte lookup table and one segmented
+    sum, not with a regular expression (which costs ten times as much).
+    """
+    arr = json_text.cast(pa.large_string())
+    if len(arr) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+    lengths = np.diff(offsets)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    where = np.flatnonzero(~_KEEP[data])
+    bounds = np.searchsorted(where, offsets - offsets[0])
+    return np.asarray(lengths + 2 * np.diff(bounds), dtype=np.int64)
 
 
 class Builder:
@@ -83,13 +95,9 @@ class Builder:
         return orjson.dumps(head)[:-1] + b"," + orjson.dumps(key) + b":["
 
     def profile_members(self, rows: pa.Table, esc: np.ndarray | None) -> list[pa.Array]:
-        """``"FIELD":value`` for each profile field the job sends."""
+        """``,"FIELD":value`` for each profile field the job sends (see :func:`jsonfrag.obj`)."""
         return [
-            member(
-                name,
-                literal(rows.column(f"f:{name}").combine_chunks(), self.plan.field_spec(name), esc),
-            )
-            for name in self.plan.fields
+            field(name, rows.column(f"f:{name}").combine_chunks(), esc) for name in self.plan.fields
         ]
 
 

@@ -8,22 +8,42 @@ would overflow it; an item that alone exceeds the budget travels alone.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 __all__ = ["Batch", "Batcher"]
 
 
 @dataclass
 class Batch:
-    """One batch: the recipients (``recs``) and their JSON items, in order."""
+    """One batch: the recipients (``recs``), their JSON items in order, and those joined."""
 
     recs: np.ndarray
     items: pa.Array
     cost: int
+    body: bytes = b""  # the items' text, comma-separated
+
+
+def with_commas(items: pa.Array) -> pa.Array:
+    """Each item followed by a comma (one kernel call for a whole chunk)."""
+    if len(items) == 0:
+        return pa.array([], pa.string())
+    return pc.binary_join_element_wise(items, ",", "")
+
+
+def _joined(arr: pa.Array, start: int, count: int) -> bytes:
+    """Items ``start..start+count`` of a with-commas array, joined, last comma dropped."""
+    if count == 0:
+        return b""
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)
+    lo = int(offsets[arr.offset + start])
+    hi = int(offsets[arr.offset + start + count])
+    return memoryview(arr.buffers()[2])[lo : hi - 1].tobytes()
 
 
 class Batcher:
@@ -34,12 +54,15 @@ class Batcher:
         self.budget = budget
         self._recs = np.empty(0, dtype=np.int64)
         self._items: pa.Array = pa.array([], pa.string())
+        self._commas: pa.Array = pa.array([], pa.string())
         self._costs = np.empty(0, dtype=np.int64)
 
     def feed(self, recs: np.ndarray, items: pa.Array, costs: np.ndarray | None) -> Iterator[Batch]:
         """Add items; yield every batch that is now complete."""
         self._recs = np.concatenate((self._recs, recs))
-        self._items = pa.concat_arrays([self._items, items.cast(pa.string())])
+        items = items.cast(pa.string())
+        self._items = pa.concat_arrays([self._items, items])
+        self._commas = pa.concat_arrays([self._commas, with_commas(items)])
         self._costs = np.concatenate(
             (self._costs, costs if costs is not None else np.zeros(len(recs), dtype=np.int64))
         )
@@ -50,18 +73,35 @@ class Batcher:
 
     def _cut(self, final: bool) -> Iterator[Batch]:
         n = self._recs.size
-        cum = np.concatenate(([0], np.cumsum(self._costs)))
+        # plain Python ints and bisect: one step per batch, thousands of batches a chunk
+        cum = np.concatenate(([0], np.cumsum(self._costs))).tolist()
+        body = _joined(self._commas, 0, n) + b","
+        offsets = (
+            np.frombuffer(self._commas.buffers()[1], dtype=np.int32)[
+                self._commas.offset : self._commas.offset + n + 1
+            ]
+            if n
+            else np.zeros(1, np.int32)
+        )
+        pos = (offsets - offsets[0]).tolist()
         i = 0
         while i < n:
             k = min(self.size, n - i)
             complete = k == self.size
             if self.budget is not None:
-                fit = int(np.searchsorted(cum, cum[i] + self.budget, side="right")) - 1 - i
+                fit = bisect.bisect_right(cum, cum[i] + self.budget) - 1 - i
                 if fit < k:
                     k, complete = max(fit, 1), True
             if not complete and not final:
                 break
-            yield Batch(self._recs[i : i + k], self._items.slice(i, k), int(cum[i + k] - cum[i]))
+            yield Batch(
+                self._recs[i : i + k],
+                self._items.slice(i, k),
+                cum[i + k] - cum[i],
+                body[pos[i] : pos[i + k] - 1],
+            )
             i += k
         self._recs, self._costs = self._recs[i:], self._costs[i:]
-        self._items = self._items.slice(i)
+        # the rest is copied out, so the next chunk does not drag this one along
+        self._items = pa.concat_arrays([self._items.slice(i)])
+        self._commas = pa.concat_arrays([self._commas.slice(i)])

@@ -16,7 +16,15 @@ import pyarrow.compute as pc
 from pipeline.arrowutil import json_escape
 from pipeline.config import ProfileField
 
-__all__ = ["join_members", "literal", "member", "obj", "string_literal"]
+__all__ = [
+    "array",
+    "constant_member",
+    "field",
+    "literal",
+    "member",
+    "obj",
+    "string_literal",
+]
 
 NULL_STR = pa.scalar(None, pa.string())
 
@@ -45,29 +53,43 @@ def literal(col: pa.Array, spec: ProfileField | None, esc: np.ndarray | None) ->
     return string_literal(col, esc)
 
 
-def member(name: str, value_json: pa.Array) -> pa.Array:
-    """``"name":value`` per row, null where the value is null."""
-    return pc.binary_join_element_wise(key_text(name), value_json, "")
+def member(name: str, value_json: pa.Array, lead: str = ",") -> pa.Array:
+    """``,"name":value`` per row (its own leading comma), null where the value is null."""
+    return pc.binary_join_element_wise(lead + key_text(name), value_json, "")
 
 
-def join_members(members: list[pa.Array], n: int) -> pa.Array:
-    """Comma-join the non-null members of each row ("" when all are null).
+def field(name: str, col: pa.Array, esc: np.ndarray | None, lead: str = ",") -> pa.Array:
+    """:func:`member` of a typed column; a string value costs one kernel call, quotes included."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.binary_join_element_wise(
+            lead + key_text(name) + '"', json_escape(col.cast(pa.string()), esc), '"', ""
+        )
+    return member(name, literal(col, None, esc), lead)
 
-    Not with ``null_handling="skip"``: Arrow leaves the rows whose members are all null
-    out of that result (a shorter array), so each member brings its own comma instead
-    and the last one is cut off.
+
+def _joined(pieces: list[pa.Array], n: int) -> pa.Array:
+    """The pieces of each row concatenated, null pieces left out, the first comma dropped.
+
+    Not ``null_handling="skip"``: Arrow drops the rows whose pieces are all null
+    from that result (a shorter array); ``replace`` keeps every row.
     """
-    if not members:
-        return pa.array([""] * n, pa.string())
-    pieces = [pc.fill_null(pc.binary_join_element_wise(m, ",", ""), "") for m in members]
-    return pc.utf8_slice_codeunits(pc.binary_join_element_wise(*pieces, ""), 0, -1)
+    if not pieces:
+        return pa.array(np.full(n, "", dtype=object), pa.string())
+    joined = pc.binary_join_element_wise(*pieces, "", null_handling="replace", null_replacement="")
+    return pc.utf8_ltrim(joined, characters=",")
 
 
 def obj(members: list[pa.Array], n: int) -> pa.Array:
-    """``{members}`` per row."""
-    return pc.binary_join_element_wise("{", join_members(members, n), "}", "")
+    """``{members}`` per row; ``{}`` when every member is null."""
+    return pc.binary_join_element_wise("{", _joined(members, n), "}", "")
 
 
-def constant(value: object, n: int) -> pa.Array:
-    """The same JSON value on every row."""
-    return pa.array(np.full(n, orjson.dumps(value).decode(), dtype=object), pa.string())
+def array(items: list[pa.Array], n: int) -> pa.Array:
+    """``[items]`` per row, from items that carry their own leading comma (or are null)."""
+    return pc.binary_join_element_wise("[", _joined(items, n), "]", "")
+
+
+def constant_member(name: str, value: object, n: int) -> pa.Array:
+    """``,"name":value`` with the same JSON value on every row."""
+    text = "," + key_text(name) + orjson.dumps(value).decode()
+    return pa.array(np.full(n, text, dtype=object), pa.string())

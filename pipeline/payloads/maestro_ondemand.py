@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan
 from pipeline.payloads.base import REDACTED, Builder, encoded_bytes, secret_from_env
-from pipeline.payloads.jsonfrag import NULL_STR, member, obj, string_literal
+from pipeline.payloads.jsonfrag import NULL_STR, field, member, obj, string_literal
 
 __all__ = ["DEFAULT_TRIGGER_URL_BYTES", "OnDemandBuilder", "trigger_url"]
 
@@ -49,7 +49,7 @@ class OnDemandBuilder(Builder):
     def items(self, rows: pa.Table) -> pa.Array:
         n = rows.num_rows
         esc = rows.column("_esc").to_numpy(zero_copy_only=False)
-        members = [member("email", string_literal(rows.column("email").combine_chunks(), esc))]
+        members = [field("email", rows.column("email").combine_chunks(), esc)]
         profile = self.profile_members(rows, esc)
         if profile or "profile_json" in rows.column_names:
             inner = obj(profile, n)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.payloads.base import REDACTED, Builder, url_quote
-from pipeline.payloads.jsonfrag import NULL_STR, member, obj, string_literal
+from pipeline.payloads.jsonfrag import NULL_STR, field, member, obj
 
 __all__ = ["SUBSCRIBE_PATH", "SubscribeBuilder", "subscribe_query"]
 
@@ -48,9 +48,9 @@ class SubscribeBuilder(Builder):
         def opt(name: str) -> pa.Array | None:
             if name not in rows.column_names:
                 return None
-            return member(name, string_literal(rows.column(name).combine_chunks(), esc))
+            return field(name, rows.column(name).combine_chunks(), esc)
 
-        members = [member("email", string_literal(rows.column("email").combine_chunks(), esc))]
+        members = [field("email", rows.column("email").combine_chunks(), esc)]
         members += [m for m in (opt("password"),) if m is not None]
         profile = self.profile_members(rows, esc)
         if profile:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.payloads.base import Builder
-from pipeline.payloads.jsonfrag import join_members, literal, member, obj, string_literal
+from pipeline.payloads.jsonfrag import NULL_STR, array, constant_member, field, member, obj
 
 __all__ = ["SEND_PATH", "YesmailBuilder"]
 
@@ -37,39 +37,35 @@ class YesmailBuilder(Builder):
         n = rows.num_rows
         esc = rows.column("_esc").to_numpy(zero_copy_only=False)
         job = self.plan.job
-        email = string_literal(rows.column("email").combine_chunks(), esc)
+        email = rows.column("email").combine_chunks()
         if job.recipient_id == "email":
-            rid = email
+            rid = field("id", email, esc)
         elif job.recipient_id == "record_id":
-            rid = string_literal(rows.column("record_id").combine_chunks(), esc)
+            rid = field("id", rows.column("record_id").combine_chunks(), esc)
         else:
-            rid = literal(rows.column(f"f:{job.recipient_id}").combine_chunks(), None, esc)
+            rid = field("id", rows.column(f"f:{job.recipient_id}").combine_chunks(), esc)
+        # userAttrs: an array of one-key objects, each item with its own leading comma
         attrs = [
             pc.binary_join_element_wise(
-                "{",
-                member(
+                field(
                     job.attrs.get(name, name),
-                    literal(rows.column(f"f:{name}").combine_chunks(), None, esc),
+                    rows.column(f"f:{name}").combine_chunks(),
+                    esc,
+                    lead=",{",
                 ),
                 "}",
                 "",
             )
             for name in self.plan.fields
         ]
-        members = [member("email", email), member("id", rid)]
+        members = [field("email", email, esc), rid]
         if attrs:
-            joined = join_members(attrs, n)
-            profile = pc.binary_join_element_wise('{"userAttrs":[', joined, "]}", "")
-            members.append(
-                member(
-                    "profile",
-                    pc.if_else(pc.equal(joined, ""), pa.scalar(None, pa.string()), profile),
-                )
-            )
+            listed = array(attrs, n)
+            profile = pc.binary_join_element_wise('{"userAttrs":', listed, "}", "")
+            members.append(member("profile", pc.if_else(pc.equal(listed, "[]"), NULL_STR, profile)))
         if job.subscriptions is not None:
             subs = job.subscriptions.model_dump(exclude_none=True)
-            text = orjson.dumps(subs).decode()
-            members.append(pa.array([f'"subscriptions":{text}'] * n, pa.string()))
+            members.append(constant_member("subscriptions", subs, n))
         return obj(members, n)
 
     def body_head(self) -> bytes:
