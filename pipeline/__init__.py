@@ -12,12 +12,12 @@ def _prefer_jemalloc() -> None:
 
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
         return
+    import contextlib
+
     import pyarrow as pa
 
-    try:
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-    except (NotImplementedError, pa.ArrowNotImplementedError):  # a build without jemalloc
-        pass
+    with contextlib.suppress(NotImplementedError, pa.ArrowNotImplementedError):
+        pa.set_memory_pool(pa.jemalloc_memory_pool())  # absent from some builds
 
 
 _prefer_jemalloc()
