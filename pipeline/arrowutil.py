@@ -54,6 +54,8 @@ def to_bool_np(mask: pa.Array, null_as: bool = False) -> np.ndarray:
 
 def scatter(values: pa.Array, index: np.ndarray) -> pa.Array:
     """``values.take(index)`` where a negative index gives null."""
+    if values.null_count == len(values):  # mostly-empty columns (messages, details) cost nothing
+        return pa.nulls(len(index), values.type)
     missing = index < 0
     if not missing.any():
         return values.take(pa.array(index))

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -26,14 +26,10 @@ from pipeline.errors import MailpipeError
 from pipeline.logs import configure_logging, progress_display
 from pipeline.run import RunOutcome, open_run, outcome_of, run_pipeline, run_stage
 from pipeline.rundir import STAGES, RunDir
-from pipeline.store import Store
-from pipeline.subscribers import (
-    ImportReport,
-    export_subscribers,
-    import_subscribers,
-    import_suppression,
-    write_suppression,
-)
+
+if TYPE_CHECKING:
+    from pipeline.store import Store
+    from pipeline.subscribers import ImportReport
 
 __all__ = ["main"]
 
@@ -259,6 +255,8 @@ def results(run_dir: str, as_json: bool) -> None:
 
 
 def _store(config_path: str) -> tuple[MailpipeConfig, Store]:
+    from pipeline.store import Store  # SQLAlchemy is slow to import: only commands that use it
+
     cfg = load_config(config_path)
     return cfg, Store(cfg.store.url)
 
@@ -295,6 +293,8 @@ def subscribers_import(config_path: str, list_name: str | None, file: str) -> No
     list's profile fields by name. Importing the same file again changes nothing.
     """
     cfg, store = _store(config_path)
+    from pipeline.subscribers import import_subscribers
+
     _report_import(file, import_subscribers(store, cfg, file, list_name))
 
 
@@ -304,6 +304,8 @@ def subscribers_import(config_path: str, list_name: str | None, file: str) -> No
 @handle_errors
 def subscribers_export(config_path: str, list_name: str) -> None:
     """Write the list's subscribers to stdout as CSV (the import format)."""
+    from pipeline.subscribers import export_subscribers
+
     cfg, store = _store(config_path)
     export_subscribers(store, cfg, list_name, sys.stdout)
 
@@ -320,6 +322,8 @@ def suppression() -> None:
 def suppression_import(config_path: str, file: str) -> None:
     """Add the addresses of FILE (columns email, reason, added_at) to the suppression list."""
     _, store = _store(config_path)
+    from pipeline.subscribers import import_suppression
+
     _report_import(file, import_suppression(store, file))
 
 
@@ -328,6 +332,8 @@ def suppression_import(config_path: str, file: str) -> None:
 @handle_errors
 def suppression_list(config_path: str) -> None:
     """Write the suppression list to stdout as CSV."""
+    from pipeline.subscribers import write_suppression
+
     _, store = _store(config_path)
     write_suppression(store, sys.stdout)
 

@@ -12,7 +12,6 @@ object is kept per key.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -79,6 +78,8 @@ class KeyHasher:
                 h1[idx] = numbers.astype(np.uint64) ^ (h2[idx] * _GOLDEN)
         rest = np.flatnonzero(~exact)
         if rest.size:
+            import pandas as pd  # only keys that are not prefix + digits need it (slow import)
+
             series = pd.Series(keys.take(pa.array(rest)).to_pandas())
             h1[rest] = pd.util.hash_pandas_object(series, index=False, hash_key="mailpipe-keys-01")
             h2[rest] = (

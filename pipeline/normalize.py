@@ -19,7 +19,7 @@ record (``_primary``) carries its values; the others follow its outcome.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +90,7 @@ class InputRef:
 class Normalizer:
     """Feed extracted batches in order; get normalized batches back, row for row."""
 
-    def __init__(self, plan: JobPlan, inputs: list[InputRef]) -> None:
+    def __init__(self, plan: JobPlan, inputs: Sequence[InputRef]) -> None:
         self.plan = plan
         self.inputs = inputs
         self.schema = normalized_schema(plan)
@@ -100,6 +100,9 @@ class Normalizer:
         self._rec = 0
         self._seen = SeenKeys()
         self._hasher = KeyHasher()
+        self._used = {"email", "record_id", "record_key", "created_at", *PASSTHROUGH}
+        self._used |= {f"f:{name}" for name in plan.fields}
+        self._used |= {c for c in plan.source.columns() if c.startswith("flag:")}
 
     @property
     def recipients(self) -> int:
@@ -153,10 +156,11 @@ class Normalizer:
         readable = to_bool_np(pc.is_null(table.column("_reject")))
         ri = np.flatnonzero(readable)
         t = table.take(pa.array(ri)) if ri.size < n else table
+        # only the columns this job uses: a source may map many more
         values = {
             name: blank_to_null(t.column(name).combine_chunks())
             for name in t.column_names
-            if not name.startswith("_")
+            if name in self._used
         }
         files = t.column("_file").to_numpy()
         lines = t.column("_line").to_numpy()
@@ -355,6 +359,9 @@ def _spread(per_group: np.ndarray, row_g: np.ndarray, fill: int) -> np.ndarray:
 
 def _first_valid(col: pa.Array, starts: np.ndarray) -> pa.Array:
     """Per group (rows ``starts[i]`` up to the next start): its first non-null value."""
+    firsts = col.take(pa.array(starts))
+    if firsts.null_count == 0:  # the usual export: every line item repeats the order's values
+        return firsts
     n = len(col)
     valid = to_bool_np(pc.is_valid(col))
     pos = np.where(valid, np.arange(n), n)

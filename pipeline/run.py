@@ -12,6 +12,7 @@ import fnmatch
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,8 +306,9 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
         manifest["stages"][stage] = {"state": "running", "started": now_iso()}
     run.write_manifest(manifest)
     t0 = time.perf_counter()
-    digests = _hash_inputs(manifest["inputs"])
-    refs = _input_refs(manifest["inputs"])
+    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    digests = hashing.submit(_hash_inputs, [dict(e) for e in manifest["inputs"]])
+    refs = _LazyRefs(manifest["inputs"], digests)
     sources = _sources_of(manifest, cfg)
     counter = BatchCounter()
     detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
@@ -334,8 +336,10 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
             manifest["stages"][stage].update(state="failed", error=str(e)[:500])
         run.write_manifest(manifest)
         raise
+    hashed = digests.result()
+    hashing.shutdown()
     for entry in manifest["inputs"]:
-        entry["sha256"] = entry.get("sha256") or digests.get(entry["id"])
+        entry["sha256"] = entry.get("sha256") or hashed.get(entry["id"])
     seconds = round(time.perf_counter() - t0, 3)
     for stage in ("extract", "normalize", "build"):
         manifest["stages"][stage].update(
@@ -344,12 +348,40 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
     run.write_manifest(manifest)
 
 
+class _LazyRefs(Sequence[InputRef]):
+    """Input refs whose ``same_as`` waits for the files' digests only when it can matter.
+
+    A source read from one file cannot repeat a file, so its rows go on at
+    once; with several files, normalize waits for the hashing thread.
+    """
+
+    def __init__(self, inputs: list[dict[str, Any]], digests: Future[dict[int, str]]) -> None:
+        self._inputs = inputs
+        self._digests = digests
+        self._refs: list[InputRef] | None = None
+        per_source: dict[str, int] = {}
+        for e in inputs:
+            per_source[e["source"]] = per_source.get(e["source"], 0) + 1
+        self._alone = {e["id"] for e in inputs if per_source[e["source"]] == 1}
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, int) and i in self._alone:
+            return InputRef(self._inputs[i]["path"])
+        if self._refs is None:
+            hashed = self._digests.result()
+            self._refs = _input_refs([{**e, "sha256": hashed.get(e["id"])} for e in self._inputs])
+        return self._refs[i]
+
+
 def _hash_inputs(inputs: list[dict[str, Any]]) -> dict[int, str]:
-    """sha256 of every input that exists, before normalize needs to compare files."""
+    """sha256 of every input that exists (hashlib releases the GIL: a thread of its own)."""
     out: dict[int, str] = {}
     for entry in inputs:
         try:
-            entry["sha256"] = out[entry["id"]] = file_sha256(entry["path"])
+            out[entry["id"]] = file_sha256(entry["path"])
         except OSError:
             continue
     return out
