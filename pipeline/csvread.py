@@ -52,7 +52,8 @@ def read_csv(
     ctx = _Ctx(source, names, schema, file_id, ncols=0, colmap={})
     try:
         scanner = BlockScanner(
-            text_chunks(path, source.encoding, block_bytes, hasher), ord(source.quotechar)
+            text_chunks(path, source.encoding, block_bytes, hasher, ctx.layout),
+            ord(source.quotechar),
         )
         blocks = iter(scanner)
         first = next(blocks, None)
@@ -120,9 +121,19 @@ class _Ctx:
         self.colmap = colmap
         self.delim = ord(source.delimiter)
         self.quote = ord(source.quotechar)
+        self.layout: dict[str, int] = {}  # "skip": the chunks are the file's bytes after it
 
 
-_BatchArgs = tuple[pa.Schema, int, np.ndarray, pa.Array, pa.Array, pa.Array, dict[str, pa.Array]]
+_BatchArgs = tuple[
+    pa.Schema,
+    int,
+    np.ndarray,
+    pa.Array,
+    pa.Array,
+    pa.Array,
+    dict[str, pa.Array],
+    tuple[np.ndarray, np.ndarray] | None,
+]
 
 
 def _fast_block(
@@ -175,14 +186,22 @@ def _fast_block(
         if reasons
         else pa.nulls(n, pa.string())
     )
+    spans = None
+    if "skip" in ctx.layout:
+        # the file's own bytes: a later stage reads a record back by offset when it must
+        spans = (block.base + ctx.layout["skip"] + starts, (ends - starts).astype(np.int32))
+        raw = _raw_of(data, starts, ends, list(reasons), n)
+    else:
+        raw = _raw_array(data, starts, ends, utf8_ok)
     return (
         ctx.schema,
         ctx.file_id,
         lines,
-        _raw_array(data, starts, ends, utf8_ok),
+        raw,
         pa.array(_needs_escaping(block, qpos, starts, lo, hi, ctx)),
         reason_col,
         _scatter(table, good, ctx),
+        spans,
     )
 
 
@@ -283,6 +302,16 @@ def _quotes_regular(arr: np.ndarray, qpos: np.ndarray, delim: int, quote: int) -
     if closing.size and closing[-1] == arr.size - 1:  # and one closing it ends a line
         closing = closing[:-1]
     return bool(may_precede[arr[opening - 1]].all() and may_follow[arr[closing + 1]].all())
+
+
+def _raw_of(data: bytes, starts: np.ndarray, ends: np.ndarray, rows: list[int], n: int) -> pa.Array:
+    """The text of the given records only (the rejected ones), null for the others."""
+    if not rows:
+        return pa.nulls(n, pa.string())
+    text: list[str | None] = [None] * n
+    for i in rows:
+        text[i] = data[int(starts[i]) : int(ends[i])].decode("utf-8", "backslashreplace")
+    return pa.array(text, pa.string())
 
 
 def _raw_array(data: bytes, starts: np.ndarray, ends: np.ndarray, utf8_ok: bool) -> pa.Array:
@@ -470,4 +499,5 @@ def _stdlib_batch(
         esc,
         pa.array(reasons, pa.string()),
         values,
+        None,
     )

@@ -5,7 +5,10 @@ Every batch this module yields has the provenance columns
 ``_file`` (int32)    index of the file in the run's input list
 ``_line`` (int64)    1-based physical line where the record starts (the CSV
                      header is line 1); the 1-based row number for Parquet
-``_raw`` (string)    the record's own text (null for Parquet: no text exists)
+``_raw`` (string)    the record's text when extract rejected it, or when the file
+                     was transcoded; otherwise null (see ``_offset``)
+``_offset``/``_length``  where the record's bytes are in the file, for reading its
+                     text back when a later stage rejects it
 ``_esc`` (bool)      a value of this record may need JSON escaping
 ``_reject`` (string) why the record could not be read, or null
 
@@ -52,11 +55,13 @@ __all__ = [
     "make_batch",
     "map_columns",
     "needs_escape",
+    "record_text",
+    "record_texts",
 ]
 
 BLOCK_BYTES = 4 << 20
 PARQUET_BATCH = 65536
-PROVENANCE = ("_file", "_line", "_raw", "_esc", "_reject")
+PROVENANCE = ("_file", "_line", "_raw", "_offset", "_length", "_esc", "_reject")
 _NEEDS_ESCAPE = r'["\\\x00-\x1f]'
 
 
@@ -81,6 +86,8 @@ def extracted_schema(source: SourceConfig) -> pa.Schema:
         pa.field("_file", pa.int32()),
         pa.field("_line", pa.int64()),
         pa.field("_raw", pa.string()),
+        pa.field("_offset", pa.int64()),
+        pa.field("_length", pa.int32()),
         pa.field("_esc", pa.bool_()),
         pa.field("_reject", pa.string()),
     ]
@@ -156,13 +163,19 @@ def make_batch(
     esc: pa.Array,
     reject: pa.Array,
     values: dict[str, pa.Array],
+    spans: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pa.RecordBatch:
-    """Assemble one extracted batch from its provenance and value columns."""
+    """Assemble one extracted batch from its provenance and value columns.
+
+    ``spans`` are the records' (file offsets, lengths), when they are known.
+    """
     n = len(lines)
     cols: list[pa.Array] = [
         pa.array(np.full(n, file_id, dtype=np.int32)),
         pa.array(lines, pa.int64()),
         raw,
+        pa.array(spans[0], pa.int64()) if spans else pa.nulls(n, pa.int64()),
+        pa.array(spans[1], pa.int32()) if spans else pa.nulls(n, pa.int32()),
         esc,
         reject,
     ]
@@ -219,8 +232,10 @@ def _read_jsonl(
     cols = source.columns()
     names = schema.names[len(PROVENANCE) :]
     head: list[Block] = []
+    layout: dict[str, int] = {}
     try:
-        blocks = iter(BlockScanner(text_chunks(path, source.encoding, block_bytes, hasher), None))
+        chunks = text_chunks(path, source.encoding, block_bytes, hasher, layout)
+        blocks = iter(BlockScanner(chunks, None))
         # the first lines decide whether this is JSON Lines at all, however small the blocks
         tried = 0
         for block in blocks:
@@ -235,7 +250,9 @@ def _read_jsonl(
     for block in itertools.chain(head, blocks):
         data = block.data
         out_lines: list[int] = []
-        raws: list[str] = []
+        raws: list[str | None] = []
+        offsets: list[int] = []
+        lengths: list[int] = []
         reasons: list[str | None] = []
         values: dict[str, list[str | None]] = {n: [] for n in names}
         # one orjson.loads per line: a broken line must become its own reject
@@ -245,7 +262,8 @@ def _read_jsonl(
                 stats.blank_lines += 1
                 continue
             out_lines.append(ln)
-            raws.append(chunk.decode("utf-8", "backslashreplace"))
+            offsets.append(block.base + s)
+            lengths.append(end - s)
             obj: object = None
             try:
                 obj = orjson.loads(chunk)
@@ -255,6 +273,9 @@ def _read_jsonl(
                 reasons.append(
                     None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
                 )
+            # the text is kept for a rejected line, or when offsets would not find it
+            keep = reasons[-1] is not None or "skip" not in layout
+            raws.append(chunk.decode("utf-8", "backslashreplace") if keep else None)
             row = obj if isinstance(obj, dict) else None
             for internal in names:
                 values[internal].append(_json_text(row.get(cols[internal])) if row else None)
@@ -270,6 +291,9 @@ def _read_jsonl(
             needs_escape(*arrays.values()),
             pa.array(reasons, pa.string()),
             arrays,
+            (np.array(offsets, dtype=np.int64) + layout["skip"], np.array(lengths, np.int32))
+            if "skip" in layout
+            else None,
         )
 
 
@@ -386,3 +410,35 @@ def expand_inputs(pattern: str) -> list[str]:
     """Files matching a source's glob, sorted for a stable input order."""
     hits = glob.glob(os.path.expanduser(pattern), recursive=True)
     return sorted(p for p in hits if os.path.isfile(p))
+
+
+def record_texts(spans: list[tuple[str, int | None, int | None]]) -> list[str | None]:
+    """Many records' text read back from their files, each file opened once."""
+    out: list[str | None] = [None] * len(spans)
+    by_path: dict[str, list[int]] = {}
+    for i, (path, offset, _) in enumerate(spans):
+        if offset is not None:
+            by_path.setdefault(path, []).append(i)
+    for path, idx in by_path.items():
+        try:
+            with open(path, "rb") as fh:
+                for i in sorted(idx, key=lambda k: spans[k][1] or 0):
+                    _, offset, length = spans[i]
+                    fh.seek(offset or 0)
+                    data = fh.read(length or 0)
+                    if len(data) == length:
+                        out[i] = data.decode("utf-8", "backslashreplace").rstrip("\r\n")
+        except OSError:
+            continue
+    return out
+
+
+def record_text(path: str, offset: int, length: int) -> str | None:
+    """A record's text read back from its file (None when the file has changed or gone)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+    except OSError:
+        return None
+    return data.decode("utf-8", "backslashreplace").rstrip("\r\n") if len(data) == length else None

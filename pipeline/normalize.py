@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from pipeline.arrowutil import blank_to_null, scatter, to_bool_np
 from pipeline.config import JobPlan, ProfileField
 from pipeline.emails import check_emails
+from pipeline.extract import record_texts
 from pipeline.keyset import KeyHasher, SeenKeys
 
 __all__ = ["PROBLEMS", "Normalizer", "normalized_schema"]
@@ -262,7 +263,8 @@ class Normalizer:
         failed = status == 1
         # only failed rows keep their text (for rejects.jsonl), in a compact array
         raw = scatter(
-            _raw_or_json(table, np.flatnonzero(failed)), np.where(failed, np.cumsum(failed) - 1, -1)
+            _raw_or_json(table, np.flatnonzero(failed), self.inputs),
+            np.where(failed, np.cumsum(failed) - 1, -1),
         )
         dup = _spread(g.dup_where, row_g, -1)
         row_index = np.where(readable, np.cumsum(readable) - 1, -1)
@@ -369,15 +371,25 @@ def _first_valid(col: pa.Array, starts: np.ndarray) -> pa.Array:
     return scatter(col, np.where(first < n, first, -1))
 
 
-def _raw_or_json(table: pa.Table, rows: np.ndarray) -> pa.Array:
-    """The raw text of the given rows; for Parquet (no text) the row's values as JSON."""
-    raw = table.column("_raw").take(pa.array(rows, pa.int64())).combine_chunks()
+def _raw_or_json(table: pa.Table, rows: np.ndarray, inputs: Sequence[InputRef]) -> pa.Array:
+    """The raw text of the given rows: as extract kept it, read back from the file by
+    offset, or (Parquet has no text) the row's values as JSON."""
+    sel = pa.array(rows, pa.int64())
+    raw = table.column("_raw").take(sel).combine_chunks()
     missing = np.flatnonzero(~to_bool_np(pc.is_valid(raw)))
     if missing.size == 0:
         return raw
+    picked = table.select(["_file", "_offset", "_length"]).take(sel).to_pylist()
     names = [c for c in table.column_names if not c.startswith("_")]
-    values = table.select(names).take(pa.array(rows[missing])).to_pylist()
-    text = [orjson.dumps(r).decode() for r in values]
+    spans = [
+        (p["_file"], p["_offset"], p["_length"]) for p in (picked[i] for i in missing.tolist())
+    ]
+    found = record_texts([(inputs[f].path, o, n) for f, o, n in spans])
+    text: list[str | None] = []
+    for i, got in zip(missing.tolist(), found):
+        if got is None:
+            got = orjson.dumps(table.select(names).slice(int(rows[i]), 1).to_pylist()[0]).decode()
+        text.append(got)
     mask = np.zeros(len(raw), dtype=bool)
     mask[missing] = True
     return pc.replace_with_mask(raw, pa.array(mask), pa.array(text, pa.string()))

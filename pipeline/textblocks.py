@@ -36,6 +36,7 @@ class Block:
     first_line: int
     final: bool
     quotes: np.ndarray | None = None  # positions of the quote character, when one is set
+    base: int = 0  # where ``data`` starts in the (decoded) stream
 
     @property
     def lines(self) -> np.ndarray:
@@ -52,6 +53,7 @@ class BlockScanner:
         self._carry = b""
         self._pending = b""
         self._line = 1
+        self._pos = 0
 
     def rest(self) -> Iterator[bytes]:
         """The bytes after the last yielded block, then every chunk not yet read."""
@@ -102,7 +104,9 @@ class BlockScanner:
                 self._line,
                 final,
                 None if qpos is None else qpos[qpos < end],
+                self._pos,
             )
+            self._pos += end
             self._line += int(block.newlines.size)
             yield block
             if final:
@@ -110,13 +114,19 @@ class BlockScanner:
 
 
 def text_chunks(
-    path: str, encoding: str, block_bytes: int, hasher: Any | None = None
+    path: str,
+    encoding: str,
+    block_bytes: int,
+    hasher: Any | None = None,
+    layout: dict[str, int] | None = None,
 ) -> Iterator[bytes]:
     """UTF-8 chunks of a text file, BOM removed, transcoded from ``encoding``.
 
     Raises ``ValueError`` with a user-facing reason when the start of the file
     shows it is binary or UTF-16 while UTF-8 was expected. ``hasher`` (a
     hashlib object) sees every byte of the file as read, so the file is read once.
+    ``layout`` learns ``skip``, the bytes before the first chunk (a BOM), when the
+    chunks are the file's own bytes; it stays empty when they were transcoded.
     """
     enc = codecs.lookup(encoding).name
     with open(path, "rb") as raw_fh:
@@ -130,6 +140,8 @@ def text_chunks(
                     "file is UTF-16, not UTF-8; re-save it as UTF-8 "
                     'or set encoding = "utf-16" on the source'
                 )
+            if layout is not None:
+                layout["skip"] = len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0
             head = head.removeprefix(codecs.BOM_UTF8)
             if b"\x00" in head:
                 raise ValueError(

