@@ -133,10 +133,15 @@ BAD = np.array(
 )
 
 
-def customers(n: int, rng: np.random.Generator) -> np.ndarray:
-    """n distinct addresses: first.last.N@domain."""
-    f = np.char.lower(FIRST[rng.integers(0, FIRST.size, n)].astype(str))
-    last = np.char.lower(LAST[rng.integers(0, LAST.size, n)].astype(str))
+def customers(n: int, seed: int = 11) -> np.ndarray:
+    """n distinct addresses: first.last.N@domain; address N is the same whatever n is."""
+    rng = np.random.default_rng(seed)
+    big = max(n, 1)
+    # draw a fixed-size table of names so that address N does not depend on n
+    names = rng.integers(0, FIRST.size * LAST.size, 1 << 16)
+    pick = names[np.arange(big) % names.size]
+    f = np.char.lower(FIRST[pick % FIRST.size].astype(str))[:n]
+    last = np.char.lower(LAST[pick // FIRST.size].astype(str))[:n]
     num = np.arange(n).astype(str)
     dom = DOMAINS[np.arange(n) % DOMAINS.size]
     return np.char.add(
@@ -152,7 +157,7 @@ def orders(rows: int, pool: int, seed: int = 7) -> pa.Table:
     order_of_row = np.repeat(np.arange(sizes.size), sizes)[:rows]
     n_orders = int(order_of_row[-1]) + 1
     cust = rng.integers(0, int(pool * 1.25), n_orders)  # a fifth are new customers
-    addr = customers(int(pool * 1.25), rng)[cust]
+    addr = customers(int(pool * 1.25))[cust]
     bad = rng.random(n_orders) < 0.01
     if bad.any():
         user = np.char.partition(addr[bad], "@")[:, 0]
@@ -201,7 +206,7 @@ def fill_store(db: Path, list_name: str, n: int, seed: int = 7) -> None:
     if db.exists():
         db.unlink()
     Store(f"sqlite:///{db}").close()
-    addr = customers(int(n * 1.25), np.random.default_rng(seed))[:n]
+    addr = customers(n)
     conn = sqlite3.connect(db)
     rows = (
         (

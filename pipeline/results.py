@@ -121,15 +121,21 @@ class _ByRec:
         wanted = recs[recs >= 0]
         if wanted.size:
             need = int(wanted.max())
-            while self._base + self._table.num_rows <= need:
+            have = self._base + self._table.num_rows
+            more: list[pa.RecordBatch] = []
+            while have <= need:  # gather first, concatenate once: stage files hold many batches
                 nxt = next(self._batches, None)
                 if nxt is None:
                     raise ValueError(f"recipient {need} has no entry in the stage file")
-                self._table = pa.concat_tables([self._table, pa.Table.from_batches([nxt])])
+                more.append(nxt)
+                have += nxt.num_rows
             low = int(wanted.min()) - self._base
-            if low > 0:
-                self._table = self._table.slice(low)
-                self._base += low
+            if more or low > 0:
+                table = self._table.slice(max(low, 0))
+                self._table = pa.Table.from_batches(
+                    [*table.combine_chunks().to_batches(), *more], schema=self._table.schema
+                ).combine_chunks()
+                self._base += max(low, 0)
         idx = np.where(recs >= 0, recs - self._base, -1)
         return pa.table(
             {

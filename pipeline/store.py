@@ -60,6 +60,8 @@ subscribers = sa.Table(
     sa.Column("profile", sa.Text, nullable=False, default="{}"),
     sa.Column("password_hash", sa.Text),
     sa.Column("updated", sa.String(32), nullable=False),
+    # SQLite: one B-tree keyed by (list, email_key), not a rowid table plus an index
+    sqlite_with_rowid=False,
 )
 sa.Index("subscribers_by_email", subscribers.c.email_key)
 suppression = sa.Table(
@@ -188,9 +190,105 @@ class Store:
                 out[(row["list"], row["email_key"])] = dict(row)
         return out
 
+    def states(
+        self, conn: Connection, list_name: str, keys: Sequence[str]
+    ) -> dict[str, tuple[str, int, bool]]:
+        """``email_key → (state, bounces, suspended)`` for the keys found on a list.
+
+        The engine's hot lookup: the keys go into a temporary table and one join
+        answers them all (SQLite), or one ``= ANY(array)`` query (PostgreSQL).
+        """
+        if not keys:
+            return {}
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            # the keys as one JSON array parameter; CROSS JOIN keeps them the outer loop,
+            # so each is one probe of the (list, email_key) index
+            # the DB-API cursor itself: this returns a row per known address of a chunk
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            rows = cur.execute(
+                "SELECT s.email_key, s.state, s.bounces, s.suspended FROM json_each(?) j "
+                "CROSS JOIN subscribers s ON s.list = ? AND s.email_key = j.value",
+                (orjson.dumps(sorted(keys)).decode(), list_name),
+            ).fetchall()
+        elif dialect == "postgresql":
+            rows = conn.exec_driver_sql(
+                "SELECT email_key, state, bounces, suspended FROM subscribers "
+                "WHERE list = %(l)s AND email_key = ANY(%(k)s)",
+                {"l": list_name, "k": list(keys)},
+            ).fetchall()
+        else:
+            found = self.subscribers_of(conn, [list_name], keys)
+            return {
+                k: (r["state"], int(r["bounces"]), bool(r["suspended"]))
+                for (_, k), r in found.items()
+            }
+        return {r[0]: (r[1], int(r[2]), bool(r[3])) for r in rows}
+
+    def put_subscribers(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert subscribers, replacing state and profile of those already there.
+
+        The engine's bulk write (one statement for all rows); imports go through
+        :meth:`upsert_subscribers`, which counts what changed.
+        """
+        if not rows:
+            return
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            self.upsert_subscribers(conn, rows)
+            return
+        mark = "?" if dialect == "sqlite" else "%s"
+        cols = (
+            "list",
+            "email_key",
+            "email",
+            "state",
+            "bounces",
+            "suspended",
+            "profile",
+            "password_hash",
+            "updated",
+        )
+        sql = (
+            f"INSERT INTO subscribers ({', '.join(cols)}) VALUES "
+            f"({', '.join([mark] * len(cols))}) ON CONFLICT (list, email_key) DO UPDATE SET "
+            + ", ".join(
+                f"{c} = excluded.{c}"
+                for c in ("email", "state", "bounces", "suspended", "profile", "updated")
+            )
+        )
+        stamp = now()
+        # plain tuples through the driver, in key order (neighbouring index pages)
+        params = sorted(
+            (
+                (
+                    r["list"],
+                    r["email_key"],
+                    r["email"],
+                    r["state"],
+                    r.get("bounces", 0),
+                    bool(r.get("suspended", False)),
+                    r.get("profile", "{}"),
+                    r.get("password_hash"),
+                    stamp,
+                )
+                for r in rows
+            ),
+            key=lambda t: t[1],
+        )
+        conn.exec_driver_sql(sql, params)
+
     def suppressed(self, conn: Connection, keys: Iterable[str]) -> set[str]:
+        keys = sorted(set(keys))
+        if self.engine.dialect.name == "sqlite" and len(keys) > _IN_CHUNK:
+            rows = conn.exec_driver_sql(
+                "SELECT s.email_key FROM json_each(?) j "
+                "CROSS JOIN suppression s ON s.email_key = j.value",
+                (orjson.dumps(keys).decode(),),
+            ).fetchall()
+            return {r[0] for r in rows}
         found: set[str] = set()
-        for part in _chunks(sorted(set(keys))):
+        for part in _chunks(keys):
             q = sa.select(suppression.c.email_key).where(suppression.c.email_key.in_(part))
             found.update(r[0] for r in conn.execute(q))
         return found
@@ -379,6 +477,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    # lookups of a chunk's addresses touch pages all over a large table: keep them in memory
+    cur.execute("PRAGMA cache_size=-131072")  # 128 MiB
+    cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
 
 

@@ -18,13 +18,16 @@ import pyarrow.compute as pc
 
 from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
-from pipeline.deliver.runner import BatchRows
+from pipeline.deliver import OUTCOME_SCHEMA
+from pipeline.deliver.runner import BatchRows, Chunk
 from pipeline.engine.ondemand import RecipColumns, columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
 from pipeline.engine.yesmail import SendAnswer, evaluate_send
 from pipeline.errors import MaestroResult, YesmailStatus
 from pipeline.payloads import builder_for
-from pipeline.rundir import now_iso
+from pipeline.payloads.batching import with_commas
+from pipeline.payloads.jsonfrag import string_literal
+from pipeline.rundir import BatchFileWriter, now_iso
 from pipeline.store import Store
 
 __all__ = ["SimulateBackend", "outcome_table"]
@@ -32,8 +35,6 @@ __all__ = ["SimulateBackend", "outcome_table"]
 
 def outcome_table(recs: pa.Array, **cols: list[Any]) -> pa.Table:
     """An OUTCOME_SCHEMA table from per-recipient lists (missing columns are null)."""
-    from pipeline.deliver import OUTCOME_SCHEMA
-
     n = len(recs)
     arrays = {"_rec": recs}
     for f in OUTCOME_SCHEMA:
@@ -58,49 +59,77 @@ class SimulateBackend:
     def close(self) -> None:
         self.store.close()
 
-    def send(self, batch: BatchRows) -> tuple[bytes | None, pa.Table]:
-        return self.send_many([batch])[0]
-
-    def send_many(self, batches: list[BatchRows]) -> list[tuple[bytes | None, pa.Table]]:
+    def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         target = self.plan.target
         if target == "maestro-ondemand":
-            return self._ondemand(batches)
-        if target == "maestro-subscribe":
-            return [self._subscribe(b) for b in batches]
-        return [self._yesmail(b) for b in batches]
+            return self._ondemand(chunk, files)
+        per_batch = self._subscribe if target == "maestro-subscribe" else self._yesmail
+        tables = []
+        for batch in chunk.batches():
+            response, table = per_batch(batch)
+            files.add(batch.id, "response", response)
+            tables.append(table)
+        return pa.concat_tables(tables) if tables else outcome_table(pa.array([], pa.int64()))
 
     # -- maestro-ondemand -----------------------------------------------------------
 
-    def _ondemand(self, batches: list[BatchRows]) -> list[tuple[bytes | None, pa.Table]]:
-        rows = pa.concat_tables([b.rows for b in batches])
+    def _ondemand(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
+        """The whole chunk in one engine call; responses and outcomes built column-wise."""
+        rows = chunk.rows
+        n = rows.num_rows
         answer = evaluate_ondemand(self.cfg, self.plan, self.store, self._recip_columns(rows))
         now = now_iso()
-        out: list[tuple[bytes | None, pa.Table]] = []
-        pos = 0
-        for b in batches:
-            n = b.rows.num_rows
-            codes = answer.result[pos : pos + n]
-            msgs = answer.message[pos : pos + n]
-            if answer.request_error is not None:
-                body = orjson.dumps(answer.request_error.response())
-            else:
-                body = orjson.dumps([c.response(m) for c, m in zip(codes, msgs)])
-            ok = [c is MaestroResult.SUCCESS for c in codes]
-            out.append(
-                (
-                    body,
-                    outcome_table(
-                        b.rows.column("_rec").combine_chunks(),
-                        status=["completed" if k else "failed" for k in ok],
-                        result=[c.value for c in codes],
-                        error=[None if k else c.error for k, c in zip(ok, codes)],
-                        message=list(msgs),
-                        time=[now] * n,
-                    ),
-                )
+        recs = rows.column("_rec").combine_chunks()
+        if answer.request_error is not None:
+            body = orjson.dumps(answer.request_error.response())
+            for bid in chunk.ids():
+                files.add(bid, "response", body)
+            err = answer.request_error
+            return outcome_table(
+                recs,
+                status=["failed"] * n,
+                result=[err.value] * n,
+                error=[err.error] * n,
+                time=[now] * n,
             )
-            pos += n
-        return out
+        codes = pa.array([c.value for c in answer.result], pa.string())
+        errors = pa.array([c.error or None for c in answer.result], pa.string())
+        messages = pa.array(answer.message, pa.string())
+        ok = pc.equal(codes, MaestroResult.SUCCESS.value)
+        # {"result":"SUCCESS"} or {"result":CODE,"error":TEXT[,"message":…]}, per recipient
+        body = pc.binary_join_element_wise(
+            '{"result":"',
+            codes,
+            '"',
+            pc.binary_join_element_wise(',"error":"', errors, '"', ""),
+            pc.binary_join_element_wise(',"message":', string_literal(messages, None), ""),
+            "}",
+            "",
+            null_handling="replace",
+            null_replacement="",
+        )
+        commas = with_commas(body)
+        offsets = np.frombuffer(commas.buffers()[1], dtype=np.int32)[
+            commas.offset : commas.offset + n + 1
+        ]
+        data = memoryview(commas.buffers()[2])
+        for bid, s, e in zip(chunk.ids(), chunk.starts[:-1].tolist(), chunk.starts[1:].tolist()):
+            files.add(bid, "response", b"[" + data[int(offsets[s]) : int(offsets[e]) - 1] + b"]")
+        return pa.table(
+            {
+                "_rec": recs,
+                "status": pc.if_else(ok, "completed", "failed"),
+                "result": codes,
+                "error": errors,
+                "message": messages,
+                "reason": pa.nulls(n, pa.string()),
+                "ticket": pa.nulls(n, pa.string()),
+                "state": pa.nulls(n, pa.string()),
+                "http_status": pa.nulls(n, pa.int32()),
+                "time": pa.array(np.full(n, now, dtype=object), pa.string()),
+            },
+            schema=OUTCOME_SCHEMA,
+        )
 
     def _recip_columns(self, rows: pa.Table) -> RecipColumns:
         n = rows.num_rows
@@ -148,7 +177,7 @@ class SimulateBackend:
 
     # -- maestro-subscribe ----------------------------------------------------------
 
-    def _subscribe(self, b: BatchRows) -> tuple[bytes | None, pa.Table]:
+    def _subscribe(self, b: BatchRows) -> tuple[bytes, pa.Table]:
         calls = [orjson.loads(item) for item in self.builder.items(b.rows).to_pylist()]
         answers = evaluate_subscribe(self.cfg, self.store, calls, self.plan.job.subscribe_url)
         n = len(answers)
@@ -163,7 +192,7 @@ class SimulateBackend:
 
     # -- yesmail-send ----------------------------------------------------------------
 
-    def _yesmail(self, b: BatchRows) -> tuple[bytes | None, pa.Table]:
+    def _yesmail(self, b: BatchRows) -> tuple[bytes, pa.Table]:
         items = [orjson.loads(i) for i in self.builder.items(b.rows).to_pylist()]
         head = orjson.loads(self.builder.body_head() + b"]}")  # type: ignore[attr-defined]
         n = len(items)

@@ -41,6 +41,9 @@ from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
 from pipeline.emails import check_emails
 from pipeline.errors import MaestroResult as R
+from pipeline.normalize import arrow_type
+from pipeline.payloads.jsonfrag import field as json_member
+from pipeline.payloads.jsonfrag import obj as json_object
 from pipeline.store import Store, profile_json
 
 __all__ = [
@@ -175,82 +178,229 @@ def _rounds(
     message: np.ndarray,
     day: str,
 ) -> None:
-    """Judge the open recipients against the store, first occurrences first."""
-    lst = plan.lst
+    """Judge the open recipients against the store, first occurrences first.
+
+    Each round is judged with arrays: one lookup for all its addresses, masks
+    for each rule, one write for all the subscribers it adds.
+    """
     open_idx = np.flatnonzero(code == None)  # noqa: E711
     if open_idx.size == 0:
         return
-    # occurrence number of each address among the open recipients
-    order = np.argsort(keys[open_idx], kind="stable")
-    sorted_keys = keys[open_idx][order]
+    # occurrence number of each address among the open recipients (integer codes sort
+    # much faster than the strings themselves)
+    codes = pc.dictionary_encode(pa.array(keys[open_idx], pa.string())).indices.to_numpy()
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
     starts = np.ones(order.size, dtype=bool)
-    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
     run_start = np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))
     occurrence = np.empty(order.size, dtype=np.int64)
     occurrence[order] = np.arange(order.size) - run_start
-    limit = cfg.simulate.group_daily_limit if lst.group else None
     for rnd in range(int(occurrence.max()) + 1):
-        idx = open_idx[occurrence == rnd]
-        found = store.subscribers_of(conn, [plan.list_name], keys[idx].tolist())
-        sent = store.sent_today(conn, lst.group or "", keys[idx].tolist(), day) if limit else {}
-        adds: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        sends: list[str] = []
-        values = {
-            name: col.take(pa.array(idx)).to_pylist()
-            for name, col in rc.profile.items()
-            if name in lst.fields
-        }
-        # one pass over the round's recipients: the store's answers are per address
-        for j, i in enumerate(idx.tolist()):
-            row = found.get((plan.list_name, keys[i]))
-            given = {f: v[j] for f, v in values.items() if v[j] is not None}
-            if row is None or row["state"] != "subscribed":
-                outcome = _new_address(
-                    cfg, plan, row, given, bool(flag_on["ifNotExistsAddAndSend"][i])
-                )
-                if isinstance(outcome, tuple):
-                    code[i], message[i] = outcome
-                    continue
-                adds.append(
-                    {
-                        "list": plan.list_name,
-                        "email_key": keys[i],
-                        "email": emails[i],
-                        "state": "subscribed",
-                        "bounces": 0,
-                        "suspended": False,
-                        "profile": profile_json(outcome),
-                    }
-                )
-            else:
-                if flag_on["ifExistsDoUpdate"][i] and given:
-                    stored = orjson.loads(row["profile"] or "{}")
-                    stored.update(given)
-                    updates.append(
-                        {
-                            "list": plan.list_name,
-                            "email_key": keys[i],
-                            "email": row["email"],
-                            "state": row["state"],
-                            "profile": profile_json(stored),
-                        }
-                    )
-                constraint = None
-                if row["suspended"]:
-                    constraint = "delivery is suspended by the subscriber"
-                elif limit and sent.get(keys[i], 0) >= limit:
-                    constraint = f"list group limit of {limit} messages a day reached"
-                if constraint and not flag_on["ifExistsForceSending"][i]:
-                    code[i], message[i] = R.SEND_ERROR, f"Not sent: {constraint}"
-                    continue
-            code[i] = R.SUCCESS
-            sends.append(keys[i])
-            if limit:
-                sent[keys[i]] = sent.get(keys[i], 0) + 1
-        store.upsert_subscribers(conn, adds + updates)
-        if limit and sends:
-            store.count_sends(conn, lst.group or "", sends, day)
+        _round(
+            cfg,
+            plan,
+            store,
+            conn,
+            rc,
+            keys,
+            emails,
+            flag_on,
+            code,
+            message,
+            day,
+            open_idx[occurrence == rnd],
+        )
+
+
+def _round(
+    cfg: MailpipeConfig,
+    plan: JobPlan,
+    store: Store,
+    conn: Any,
+    rc: RecipColumns,
+    keys: np.ndarray,
+    emails: list[str | None],
+    flag_on: dict[str, np.ndarray],
+    code: np.ndarray,
+    message: np.ndarray,
+    day: str,
+    idx: np.ndarray,
+) -> None:
+    lst = plan.lst
+    round_keys = keys[idx].tolist()
+    found = store.states(conn, plan.list_name, round_keys)
+    none = (None, 0, False)
+    looked = [found.get(k, none) for k in round_keys]
+    state = np.array([x[0] for x in looked], dtype=object)
+    bounces = np.array([x[1] for x in looked], dtype=np.int64)
+    suspended = np.array([x[2] for x in looked], dtype=bool)
+    add = flag_on["ifNotExistsAddAndSend"][idx]
+    update = flag_on["ifExistsDoUpdate"][idx]
+    force = flag_on["ifExistsForceSending"][idx]
+    known = state == "subscribed"
+    verdict = np.full(idx.size, None, dtype=object)
+    note = np.full(idx.size, None, dtype=object)
+    verdict[~known & ~add] = R.ADDRESS_NOT_FOUND
+    protected = (
+        ~known
+        & add
+        & (
+            (state == "unsubscribed")
+            | (state == "bounced")
+            | (bounces >= cfg.simulate.bounce_limit)
+        )
+    )
+    verdict[protected] = R.ADDRESS_REJECTED_BY_LIST_PROTECTION
+    for i in np.flatnonzero(protected).tolist():
+        note[i] = (
+            "The address unsubscribed"
+            if state[i] == "unsubscribed"
+            else f"The address bounced {bounces[i]} times"
+        )
+    sel = pa.array(idx)
+    given = {name: col.take(sel) for name, col in rc.profile.items() if name in lst.fields}
+    candidates = ~known & add & ~protected
+    missing = _missing_fields(plan, given, candidates)
+    for i, names in missing.items():
+        verdict[i] = R.PROFILE_VALIDATION_ERROR
+        note[i] = "Missing value for " + ", ".join(
+            f"{'mandatory' if lst.fields[m].mandatory else 'boolean'} field {m}" for m in names
+        )
+    adding = candidates & (verdict == None)  # noqa: E711
+    _add(store, conn, plan, given, adding, idx, keys, emails)
+    if update.any() and given:
+        _update_profiles(store, conn, plan, given, known & update, idx, keys)
+    limit = cfg.simulate.group_daily_limit if lst.group else None
+    blocked = known & suspended & ~force
+    note[blocked] = "Not sent: delivery is suspended by the subscriber"
+    verdict[blocked] = R.SEND_ERROR
+    if limit:
+        _group_limit(
+            store, conn, lst.group or "", limit, day, round_keys, known, force, verdict, note
+        )
+    verdict[verdict == None] = R.SUCCESS  # noqa: E711
+    code[idx] = verdict
+    message[idx] = note
+
+
+def _missing_fields(
+    plan: JobPlan, given: dict[str, pa.Array], rows: np.ndarray
+) -> dict[int, list[str]]:
+    """For each row to add: the mandatory (or boolean) fields without a value or default."""
+    out: dict[int, list[str]] = {}
+    for name, spec in plan.lst.fields.items():
+        if spec.default is not None or not (spec.mandatory or spec.type == "boolean"):
+            continue
+        col = given.get(name)
+        empty = rows if col is None else rows & ~to_bool_np(pc.is_valid(col))
+        for i in np.flatnonzero(empty).tolist():
+            out.setdefault(i, []).append(name)
+    return out
+
+
+def _add(
+    store: Store,
+    conn: Any,
+    plan: JobPlan,
+    given: dict[str, pa.Array],
+    adding: np.ndarray,
+    idx: np.ndarray,
+    keys: np.ndarray,
+    emails: list[str | None],
+) -> None:
+    """Store the new subscribers, their profile the given list fields plus defaults."""
+    rows = np.flatnonzero(adding)
+    if rows.size == 0:
+        return
+    sel = pa.array(rows)
+    members = []
+    for name in sorted(plan.lst.fields):  # sorted: the store keeps profiles with sorted keys
+        spec = plan.lst.fields[name]
+        col = given[name].take(sel) if name in given else pa.nulls(rows.size, arrow_type(spec))
+        if spec.default is not None:
+            col = pc.coalesce(col, pa.scalar(spec.default, col.type))
+        members.append(json_member(name, col, None))
+    profiles = json_object(members, rows.size).to_pylist()
+    at = idx[rows]
+    store.put_subscribers(
+        conn,
+        [
+            {
+                "list": plan.list_name,
+                "email_key": keys[i],
+                "email": emails[i],
+                "state": "subscribed",
+                "bounces": 0,
+                "suspended": False,
+                "profile": p,
+            }
+            for i, p in zip(at.tolist(), profiles)
+        ],
+    )
+
+
+def _update_profiles(
+    store: Store,
+    conn: Any,
+    plan: JobPlan,
+    given: dict[str, pa.Array],
+    rows_mask: np.ndarray,
+    idx: np.ndarray,
+    keys: np.ndarray,
+) -> None:
+    """ifExistsDoUpdate: the given list fields replace the stored ones (rare: row by row)."""
+    rows = np.flatnonzero(rows_mask)
+    if rows.size == 0:
+        return
+    values = {name: col.take(pa.array(rows)).to_pylist() for name, col in given.items()}
+    found = store.subscribers_of(conn, [plan.list_name], [keys[i] for i in idx[rows].tolist()])
+    updates = []
+    for j, i in enumerate(idx[rows].tolist()):
+        changes = {f: v[j] for f, v in values.items() if v[j] is not None}
+        row = found.get((plan.list_name, keys[i]))
+        if not changes or row is None:
+            continue
+        stored = orjson.loads(row["profile"] or "{}")
+        stored.update(changes)
+        updates.append(
+            {
+                "list": plan.list_name,
+                "email_key": keys[i],
+                "email": row["email"],
+                "state": row["state"],
+                "profile": profile_json(stored),
+            }
+        )
+    store.upsert_subscribers(conn, updates)
+
+
+def _group_limit(
+    store: Store,
+    conn: Any,
+    group: str,
+    limit: int,
+    day: str,
+    keys: list[str],
+    known: np.ndarray,
+    force: np.ndarray,
+    verdict: np.ndarray,
+    note: np.ndarray,
+) -> None:
+    """The list group's daily limit: sends so far today decide, forced sends still count."""
+    sent = store.sent_today(conn, group, keys, day)
+    sends: list[str] = []
+    for i, k in enumerate(keys):
+        if verdict[i] is not None:
+            continue
+        if known[i] and sent.get(k, 0) >= limit and not force[i]:
+            verdict[i] = R.SEND_ERROR
+            note[i] = f"Not sent: list group limit of {limit} messages a day reached"
+            continue
+        sends.append(k)
+        sent[k] = sent.get(k, 0) + 1
+    if sends:
+        store.count_sends(conn, group, sends, day)
 
 
 def _new_address(
