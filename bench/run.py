@@ -76,6 +76,7 @@ def measure(
 
 
 def ensure_orders(rows: int) -> Path:
+    """The generated orders file (made once; the generator is deterministic)."""
     path = DATA / f"orders-{rows}.csv"
     if not path.exists():
         subprocess.run([PY, str(BENCH / "generate.py"), str(rows), str(path)], check=True, cwd=ROOT)
