@@ -17,6 +17,7 @@ documented code, with the detail in ``message``.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -164,8 +165,11 @@ class ReportWriter:
         self._results = open(os.path.join(self._tmp.name, "results.jsonl"), "wb")  # noqa: SIM115
         self._rejects = open(os.path.join(self._tmp.name, "rejects.jsonl"), "wb")  # noqa: SIM115
         self._parquet = pq.ParquetWriter(
-            os.path.join(self._tmp.name, "results.parquet"), RESULT_SCHEMA, compression="zstd"
+            os.path.join(self._tmp.name, "results.parquet"), RESULT_SCHEMA, compression="snappy"
         )
+        # Parquet encoding releases the GIL: it runs beside the JSON lines of the next chunk
+        self._pq_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        self._pq_pending: Future[None] | None = None
 
     def add_job(self, plan: JobPlan) -> dict[str, Any]:
         """Append one job's rows; return its counts."""
@@ -182,7 +186,7 @@ class ReportWriter:
         }
         for rows in self.run.stage_reader("normalize", plan.name):
             table = self._chunk(plan, rows, builds, outcomes)
-            self._write(table)
+            self._write(table, rows)
             self._count(plan, table, counts)
             self._write_rejects(plan, rows, table)
         counts["status"] = dict(counts["status"])
@@ -281,9 +285,12 @@ class ReportWriter:
 
     # -- writing ----------------------------------------------------------------------
 
-    def _write(self, table: pa.Table) -> None:
-        self._parquet.write_table(table)
-        self._results.write(jsonl_lines(table))
+    def _write(self, table: pa.Table, rows: pa.RecordBatch) -> None:
+        if self._pq_pending is not None:
+            self._pq_pending.result()
+        self._pq_pending = self._pq_thread.submit(self._parquet.write_table, table)
+        esc = rows.column("_esc").to_numpy(zero_copy_only=False)
+        self._results.write(jsonl_lines(table, esc, self.paths_json.take(rows.column("_file"))))
         status = table.column("status").combine_chunks()
         times = table.column("time").combine_chunks()
         for name, fh in self._lists.items():
@@ -346,6 +353,9 @@ class ReportWriter:
 
     def close(self) -> dict[str, Any]:
         """Move the finished files into the run directory; return the totals."""
+        if self._pq_pending is not None:
+            self._pq_pending.result()
+        self._pq_thread.shutdown()
         self._parquet.close()
         self._results.close()
         self._rejects.close()
@@ -387,21 +397,38 @@ class ReportWriter:
         return summary
 
 
-def jsonl_lines(table: pa.Table) -> bytes:
-    """Every row of a results table as one JSON line, rendered column-wise."""
+# values mailpipe writes itself, never needing JSON escaping
+_OWN = {"job", "target", "batch", "status", "result", "error", "ticket", "state", "time"}
+_NEVER_NULL = {"index", "source", "line", "job", "target", "status", "time"}
+
+
+def jsonl_lines(table: pa.Table, esc: np.ndarray | None = None,
+                sources_json: pa.Array | None = None) -> bytes:
+    """Every row of a results table as one JSON line, rendered column-wise.
+
+    ``esc`` marks the rows whose input values may need escaping (extract knows);
+    ``sources_json`` is the ``source`` column already as JSON strings.
+    """
     n = table.num_rows
     parts: list[pa.Array | str] = []
     for i, f in enumerate(RESULT_SCHEMA):
+        key = ("{" if i == 0 else ",") + orjson.dumps(f.name).decode() + ":"
         col = table.column(f.name).combine_chunks()
+        if f.name == "source" and sources_json is not None:
+            parts += [key, sources_json]
+            continue
+        if f.name in _NEVER_NULL and f.type == pa.string() and f.name in _OWN:
+            parts += [key + '"', col, '"']  # no kernel call of its own
+            continue
         if f.name in _RAW_JSON:
             value = col
-        elif f.type == pa.string():
-            value = string_literal(col, None)
-        else:
+        elif f.type != pa.string():
             value = pc.cast(col, pa.string())
-        value = pc.coalesce(value, "null")
-        parts.append(("{" if i == 0 else ",") + orjson.dumps(f.name).decode() + ":")
-        parts.append(value)
+        elif f.name in _OWN:
+            value = pc.binary_join_element_wise('"', col, '"', "")
+        else:
+            value = string_literal(col, esc if f.name in ("email", "record_id") else None)
+        parts += [key, value if f.name in _NEVER_NULL else pc.coalesce(value, "null")]
     parts.append("}\n")
     line = pc.binary_join_element_wise(*parts, "")
     offsets = np.frombuffer(line.buffers()[1], dtype=np.int32)
