@@ -359,5 +359,18 @@ def config_check(config_path: str) -> None:
     )
 
 
+# modules that keep their commands next to their feature; each has register(main)
+COMMAND_MODULES: list[str] = []
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(main)
+
+
+_register_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

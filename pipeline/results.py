@@ -57,11 +57,13 @@ RESULT_SCHEMA = pa.schema(
         pa.field("ticket", pa.string()),
         pa.field("state", pa.string()),
         pa.field("http_status", pa.int32()),
+        pa.field("events", pa.string()),
+        pa.field("earlier_run", pa.string()),
         pa.field("time", pa.string()),
     ]
 )
 # results.jsonl writes these as JSON values already rendered (reason is an object)
-_RAW_JSON = {"reason"}
+_RAW_JSON = {"reason", "events"}
 _STRINGS = [f.name for f in RESULT_SCHEMA if f.type == pa.string() and f.name not in _RAW_JSON]
 
 _PROBLEM_TEXT = {
@@ -230,6 +232,7 @@ class ReportWriter:
             "ticket",
             "state",
             "http_status",
+            "events",
             "time",
         ):
             own = (
@@ -238,6 +241,7 @@ class ReportWriter:
                 else pa.nulls(n, OUTCOME_SCHEMA.field(name).type)
             )
             cols[name] = pc.if_else(p, o.column(name).combine_chunks(), own)
+        cols["earlier_run"] = pa.nulls(n, pa.string())
         cols["time"] = pc.coalesce(cols["time"], self.finished)
         self.index += n
         table = pa.table(cols, schema=RESULT_SCHEMA)

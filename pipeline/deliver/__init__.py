@@ -10,6 +10,8 @@ stage file, in the platform's own vocabulary:
 ``message``      details (Maestro ``message``, Yesmail ticket or error message)
 ``reason``       Maestro subscribe ``reason`` object, as JSON text
 ``ticket``/``state``/``http_status``  Yesmail ticket id, its state, the HTTP status
+``events``       ticket events as JSON (``retrying`` for each retry, with its reason)
+``events``       ticket events as JSON (``retrying`` for each retry, with its reason)
 ``time``         when the outcome was known
 """
 
@@ -30,6 +32,7 @@ OUTCOME_SCHEMA = pa.schema(
         pa.field("ticket", pa.string()),
         pa.field("state", pa.string()),
         pa.field("http_status", pa.int32()),
+        pa.field("events", pa.string()),
         pa.field("time", pa.string()),
     ]
 )

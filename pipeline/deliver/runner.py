@@ -124,12 +124,25 @@ def deliver_job(
         backend.close()
 
 
-def make_backend(cfg: MailpipeConfig, plan: JobPlan) -> Backend:
-    mode = cfg.delivery.mode
-    if mode == "simulate":
-        from pipeline.deliver.simulate import SimulateBackend
+# delivery mode -> "module:Class" of its backend, imported when a run uses it
+BACKENDS = {
+    "simulate": "pipeline.deliver.simulate:SimulateBackend",
+    "http": "pipeline.deliver.http:HttpBackend",
+    "smtp": "pipeline.deliver.smtp:SmtpBackend",
+}
 
-        return SimulateBackend(cfg, plan)
-    raise MailpipeError(
-        f"delivery mode {mode!r} is not available in this version; use --mode simulate"
-    )
+
+def make_backend(cfg: MailpipeConfig, plan: JobPlan) -> Backend:
+    """The backend of the run's delivery mode: ``Class(cfg, plan)``."""
+    import importlib
+
+    mode = cfg.delivery.mode
+    module, _, name = BACKENDS[mode].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError:
+        raise MailpipeError(
+            f"delivery mode {mode!r} is not available in this version; use --mode simulate"
+        ) from None
+    backend: Backend = cls(cfg, plan)
+    return backend

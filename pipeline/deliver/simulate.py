@@ -126,6 +126,7 @@ class SimulateBackend:
                 "ticket": pa.nulls(n, pa.string()),
                 "state": pa.nulls(n, pa.string()),
                 "http_status": pa.nulls(n, pa.int32()),
+                "events": pa.nulls(n, pa.string()),
                 "time": pa.array(np.full(n, now, dtype=object), pa.string()),
             },
             schema=OUTCOME_SCHEMA,
@@ -197,7 +198,7 @@ class SimulateBackend:
         head = orjson.loads(self.builder.body_head() + b"]}")  # type: ignore[attr-defined]
         n = len(items)
         fields: dict[str, list[Any]] = {
-            k: [None] * n for k in ("status", "ticket", "state", "message", "http_status", "time")
+            k: [None] * n for k in ("status", "ticket", "state", "message", "http_status", "events", "time")
         }
         attempts: list[dict[str, Any]] = []
         self._bisect(head, items, list(range(n)), b.id, attempts, fields)
@@ -226,6 +227,7 @@ class SimulateBackend:
                 fields["state"][i] = answer.ticket["state"]
                 fields["message"][i] = answer.ticket["message"]
                 fields["http_status"][i] = int(answer.status)
+                fields["events"][i] = orjson.dumps(answer.ticket["events"]).decode()
                 fields["time"][i] = answer.ticket["lastUpdate"]
             return
         if len(idx) == 1:
