@@ -22,9 +22,9 @@ import orjson
 
 from pipeline import __version__
 from pipeline.config import MailpipeConfig, check_config, load_config
-from pipeline.errors import MailpipeError
+from pipeline.errors import ConfigError, MailpipeError
 from pipeline.logs import configure_logging, progress_display
-from pipeline.run import RunOutcome, open_run, outcome_of, run_pipeline, run_stage
+from pipeline.run import RunOptions, RunOutcome, open_run, outcome_of, run_pipeline, run_stage
 from pipeline.rundir import STAGES, RunDir
 
 if TYPE_CHECKING:
@@ -51,6 +51,23 @@ def config_option(f: F) -> F:
     )(f)
 
 
+def ledger_options(f: F) -> F:
+    f = click.option(
+        "--in-doubt",
+        type=click.Choice(["skip", "resend"]),
+        default="skip",
+        show_default=True,
+        help="Records a crashed run may or may not have sent: leave them (skip) or send again.",
+    )(f)
+    f = click.option(
+        "--resend",
+        multiple=True,
+        metavar="JOB",
+        help="Send this job's records again even when the ledger has them (repeatable).",
+    )(f)
+    return f
+
+
 def output_options(f: F) -> F:
     f = click.option(
         "--json",
@@ -67,8 +84,14 @@ def handle_errors(f: F) -> F:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.lock import LockHeld
+
         try:
             return f(*args, **kwargs)
+        except LockHeld as e:
+            # overlapping cron runs are normal: the one holding the lock does the work
+            click.echo(f"mailpipe: {e.message}", err=True)
+            sys.exit(EXIT_OK)
         except MailpipeError as e:
             click.echo(f"mailpipe: error: {e.message}", err=True)
             sys.exit(EXIT_USAGE)
@@ -163,6 +186,7 @@ def main() -> None:
     show_default=True,
     help="Stop after this stage (e.g. 'build' to inspect payloads without sending).",
 )
+@ledger_options
 @output_options
 @click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
 @handle_errors
@@ -172,23 +196,127 @@ def run(
     out: str | None,
     mode: str | None,
     until: str,
+    resend: tuple[str, ...],
+    in_doubt: str,
     as_json: bool,
     log_json: bool,
     inputs: tuple[str, ...],
 ) -> None:
     """Run the jobs: extract, normalize, build, deliver, report.
 
-    INPUTS, when given, replace the source's path glob.
+    INPUTS, when given, replace the source's path glob. Records the ledger
+    already settled are not sent again (they come back ignored, with the
+    earlier answer); records a crashed run left in doubt are resolved first.
     """
     configure_logging(log_json)
     cfg = _load(config_path, mode)
+    _check_resend(cfg, resend)
+    options = RunOptions(resend=resend, in_doubt=in_doubt)
     with progress_display(sys.stderr.isatty() and not log_json) as progress:
-        outcome = run_pipeline(cfg, jobs or None, inputs, out, until=until, progress=progress)
+        outcome = run_pipeline(
+            cfg, jobs or None, inputs, out, until=until, progress=progress, options=options
+        )
     log.info(
         "run finished",
         extra={"run_dir": str(outcome.run.path), "status": outcome.summary.get("status", {})},
     )
     _finish(outcome, as_json)
+
+
+@main.command()
+@config_option
+@click.option("--job", "job", required=True, metavar="NAME", help="The job to replay.")
+@click.option(
+    "--since",
+    required=True,
+    metavar="DATE",
+    help="First created-at taken (ISO 8601 date or time, UTC when no zone).",
+)
+@click.option(
+    "--until",
+    "until_",
+    required=True,
+    metavar="DATE",
+    help="First created-at no longer taken (the window is [since, until)).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Simulate, write the run directory, send and store nothing."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.001),
+    default=None,
+    metavar="N",
+    help="At most N recipients a second.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where run directories go (default: [run] out).",
+)
+@click.option(
+    "--in-doubt",
+    type=click.Choice(["skip", "resend"]),
+    default="skip",
+    show_default=True,
+    help="Records a crashed run may have sent: skip or resend.",
+)
+@output_options
+@click.argument("inputs", nargs=-1, type=click.Path(dir_okay=False))
+@handle_errors
+def backfill(
+    config_path: str,
+    job: str,
+    since: str,
+    until_: str,
+    dry_run: bool,
+    rate: float | None,
+    out: str | None,
+    in_doubt: str,
+    as_json: bool,
+    log_json: bool,
+    inputs: tuple[str, ...],
+) -> None:
+    """Replay historical files through a job, taking rows created in [--since, --until).
+
+    Rows outside the window come back ignored. Run it again with the same
+    arguments after an interruption: the ledger skips what was already sent.
+    """
+    configure_logging(log_json)
+    cfg = _load(config_path)
+    if job not in cfg.jobs:
+        raise ConfigError("--job", f"no job {job!r}; choose from {', '.join(cfg.jobs)}")
+    if not cfg.sources[cfg.jobs[job].source].created_at:
+        raise ConfigError(
+            f"sources.{cfg.jobs[job].source}.created_at",
+            "backfill selects rows by created-at: map that column on the source",
+        )
+    window = (_epoch(since, "--since"), _epoch(until_, "--until"))
+    if window[0] >= window[1]:
+        raise ConfigError("--until", "must be later than --since")
+    options = RunOptions(in_doubt=in_doubt, window=window, dry_run=dry_run, rate=rate)
+    with progress_display(sys.stderr.isatty() and not log_json) as progress:
+        outcome = run_pipeline(cfg, [job], inputs, out, progress=progress, options=options)
+    _finish(outcome, as_json)
+
+
+def _epoch(text: str, option: str) -> int:
+    import datetime as dt
+
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            option, f"{text!r} is not a date; write e.g. 2026-01-31 or 2026-01-31T12:00:00Z"
+        ) from None
+    return int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())
+
+
+def _check_resend(cfg: MailpipeConfig, resend: tuple[str, ...]) -> None:
+    for name in resend:
+        if name not in cfg.jobs:
+            raise ConfigError("--resend", f"no job {name!r}; choose from {', '.join(cfg.jobs)}")
 
 
 def _stage_command(stage: str) -> None:

@@ -19,8 +19,9 @@ record (``_primary``) carries its values; the others follow its outcome.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
@@ -32,6 +33,9 @@ from pipeline.config import JobPlan, ProfileField
 from pipeline.emails import check_emails
 from pipeline.extract import record_texts
 from pipeline.keyset import KeyHasher, SeenKeys
+
+if TYPE_CHECKING:
+    from pipeline.ledger import Ledger
 
 __all__ = ["PROBLEMS", "Normalizer", "normalized_schema"]
 
@@ -73,6 +77,9 @@ def normalized_schema(plan: JobPlan) -> pa.Schema:
         pa.field("_primary", pa.bool_()),
         pa.field("_dup_file", pa.int32()),
         pa.field("_dup_line", pa.int64()),
+        pa.field("_lkey", pa.string()),
+        pa.field("_earlier", pa.string()),
+        pa.field("_earlier_run", pa.string()),
     ]
     fields += [pa.field(f"f:{name}", arrow_type(plan.field_spec(name))) for name in plan.fields]
     fields += [pa.field(c, pa.string()) for c in cols if c.startswith("flag:")]
@@ -80,20 +87,62 @@ def normalized_schema(plan: JobPlan) -> pa.Schema:
     return pa.schema(fields)
 
 
-@dataclass(frozen=True)
 class InputRef:
-    """An input file as normalize sees it: its path, and an earlier file with the same bytes."""
+    """An input file as normalize sees it: its path, an earlier file with the same bytes,
+    and its digest (the ledger keys a record without a key by file digest and line).
 
-    path: str
-    same_as: int | None = None
+    The digest may come late (a hashing thread): ``digest_of`` is asked for it only
+    when a record without a key needs it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        same_as: int | None = None,
+        digest: str | None = None,
+        digest_of: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.path = path
+        self.same_as = same_as
+        self._digest = digest
+        self._digest_of = digest_of
+
+    @property
+    def digest(self) -> str | None:
+        if self._digest is None and self._digest_of is not None:
+            self._digest = self._digest_of()
+        return self._digest
+
+
+@dataclass(frozen=True)
+class Window:
+    """Backfill: only records created in ``[since, until)`` are taken (UTC, seconds)."""
+
+    since: int
+    until: int
 
 
 class Normalizer:
-    """Feed extracted batches in order; get normalized batches back, row for row."""
+    """Feed extracted batches in order; get normalized batches back, row for row.
 
-    def __init__(self, plan: JobPlan, inputs: Sequence[InputRef]) -> None:
+    With a ``ledger``, records it already settled are ``ignored`` (carrying the
+    earlier answer), unless ``resend``; with a ``window``, records created
+    outside it are ``ignored`` too.
+    """
+
+    def __init__(
+        self,
+        plan: JobPlan,
+        inputs: Sequence[InputRef],
+        ledger: Ledger | None = None,
+        resend: bool = False,
+        window: Window | None = None,
+    ) -> None:
         self.plan = plan
         self.inputs = inputs
+        self.ledger = ledger
+        self.resend = resend
+        self.window = window
         self.schema = normalized_schema(plan)
         self.key = plan.source.key_column
         self._carry: pa.Table | None = None
@@ -181,13 +230,85 @@ class Normalizer:
         g_files, g_lines = files[gs], lines[gs]
         g = _Groups(gs.size)
         self._dedupe(g, merged, key is not None, g_files, g_lines)
+        if self.window is not None:
+            self._select_window(g, merged)
         self._validate(g, merged)
+        lkeys = self._ledger_keys(merged, g_files, g_lines)
+        if self.ledger is not None and not self.resend:
+            self._settled_before(g, lkeys)
         # recipients: pending groups, numbered densely in input order
         pending = g.status == 0
         g_rec = np.full(gs.size, -1, dtype=np.int64)
         g_rec[pending] = self._rec + np.arange(int(pending.sum()))
         self._rec += int(pending.sum())
+        merged["_lkey"] = lkeys
         return self._rows(table, readable, ri, gid, gs, g, g_rec, merged, values)
+
+    def _ledger_keys(
+        self, merged: dict[str, pa.Array], g_files: np.ndarray, g_lines: np.ndarray
+    ) -> pa.Array:
+        """Each record's ledger key: ``k:<record key>``, else ``f:<file digest>:<line>``."""
+        n = len(g_files)
+        by_line = (
+            pa.array(
+                [
+                    f"f:{(self.inputs[f].digest or self.inputs[f].path)[:32]}:{ln}"
+                    for f, ln in zip(g_files.tolist(), g_lines.tolist())
+                ],
+                pa.string(),
+            )
+            if (self.key is None or merged[self.key].null_count)
+            else None
+        )
+        if self.key is None:
+            assert by_line is not None
+            return by_line
+        keyed = pc.binary_join_element_wise("k:", merged[self.key], "")
+        return keyed if by_line is None else pc.coalesce(keyed, by_line)[:n]
+
+    def _settled_before(self, g: _Groups, lkeys: pa.Array) -> None:
+        """Records the ledger has settled in an earlier run: ignored, with that answer."""
+        assert self.ledger is not None
+        open_ = np.flatnonzero(g.status == 0)
+        if open_.size == 0:
+            return
+        keys = lkeys.take(pa.array(open_)).to_pylist()
+        found = self.ledger.lookup(self.plan.name, keys)
+        if not found:
+            return
+        for i, k in zip(open_.tolist(), keys):
+            e = found.get(k)
+            if e is None or not (e.final or e.state == "pending"):
+                continue
+            g.status[i] = 2
+            if e.state == "pending":
+                g.problem[i] = "in_progress"
+                g.message[i] = f"being sent by run {e.run_id}"
+            elif e.state == "doubt":
+                g.problem[i] = "in_doubt"
+                g.message[i] = (
+                    f"in doubt since run {e.run_id} stopped while sending it; not sent "
+                    "again (run with --in-doubt=resend to send it)"
+                )
+            else:
+                g.problem[i] = "sent_before"
+                g.message[i] = f"already {e.state} in run {e.run_id}"
+            g.earlier[i] = orjson.dumps(e.outcome).decode() if e.outcome else None
+            g.earlier_run[i] = e.run_id
+
+    def _select_window(self, g: _Groups, merged: dict[str, pa.Array]) -> None:
+        """Backfill: records created outside the window are not taken (ignored)."""
+        assert self.window is not None
+        created = merged.get("created_at")
+        seconds = _epoch_seconds(created) if created is not None else None
+        for i in np.flatnonzero(g.status == 0).tolist():
+            t = None if seconds is None else seconds[i]
+            if t is None:
+                g.status[i], g.problem[i] = 2, "outside_window"
+                g.message[i] = "no readable created_at: not taken by the backfill"
+            elif not self.window.since <= t < self.window.until:
+                g.status[i], g.problem[i] = 2, "outside_window"
+                g.message[i] = "created outside the backfill window"
 
     def _dedupe(
         self,
@@ -295,6 +416,9 @@ class Normalizer:
             "_dup_line": pa.array(
                 np.where(dup >= 0, dup & ((1 << _FILE_SHIFT) - 1), 0), mask=dup < 0
             ),
+            "_lkey": scatter(merged["_lkey"], prim_g),
+            "_earlier": scatter(pa.array(g.earlier, pa.string()), row_g),
+            "_earlier_run": scatter(pa.array(g.earlier_run, pa.string()), row_g),
         }
         for f in self.schema.names[len(cols) :]:
             src = (
@@ -321,6 +445,8 @@ class _Groups:
         self.field: list[str | None] = [None] * n
         self.details: list[list[str] | None] = [None] * n
         self.dup_where = np.full(n, -1, dtype=np.int64)
+        self.earlier: list[str | None] = [None] * n
+        self.earlier_run: list[str | None] = [None] * n
 
     def mark_duplicate(self, rows: np.ndarray, where: np.ndarray) -> None:
         for i, w in zip(rows.tolist(), where.tolist()):
@@ -458,3 +584,23 @@ def _multi_select(name: str, spec: ProfileField, col: pa.Array) -> tuple[pa.Arra
             else None
         )
     return pa.array(values, pa.list_(pa.string())), pa.array(problems, pa.string())
+
+
+def _epoch_seconds(col: pa.Array) -> list[int | None]:
+    """ISO 8601 dates or times (with or without zone; naive ones are UTC) as epoch seconds."""
+    import datetime as dt
+
+    out: list[int | None] = []
+    for v in col.to_pylist():
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            t = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            out.append(None)
+            continue
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=dt.UTC)
+        out.append(int(t.timestamp()))
+    return out

@@ -17,10 +17,10 @@ documented code, with the detail in ``message``.
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,8 @@ RESULT_SCHEMA = pa.schema(
 _RAW_JSON = {"reason", "events"}
 _STRINGS = [f.name for f in RESULT_SCHEMA if f.type == pa.string() and f.name not in _RAW_JSON]
 
+# a record the ledger settled earlier (or that another run is sending, or that is in doubt)
+_NOT_SENT_AGAIN = {"sent_before", "in_doubt", "in_progress"}
 _PROBLEM_TEXT = {
     "unreadable": "the row could not be read",
     "missing_email": MaestroResult.MISSING_EMAIL.error,
@@ -241,7 +243,9 @@ class ReportWriter:
                 else pa.nulls(n, OUTCOME_SCHEMA.field(name).type)
             )
             cols[name] = pc.if_else(p, o.column(name).combine_chunks(), own)
-        cols["earlier_run"] = pa.nulls(n, pa.string())
+        cols["earlier_run"] = pc.if_else(
+            p, o.column("earlier_run").combine_chunks(), pa.nulls(n, pa.string())
+        )
         cols["time"] = pc.coalesce(cols["time"], self.finished)
         self.index += n
         table = pa.table(cols, schema=RESULT_SCHEMA)
@@ -261,10 +265,37 @@ class ReportWriter:
         dup_file = rows.column("_dup_file").take(sel).to_pylist()
         dup_line = rows.column("_dup_line").take(sel).to_pylist()
         rid = rows.column("record_id").take(sel).to_pylist()
+        earlier = rows.column("_earlier").take(sel).to_pylist()
+        earlier_run = rows.column("_earlier_run").take(sel).to_pylist()
         filled: dict[str, list[Any]] = {
-            k: [None] * idx.size for k in ("result", "error", "message", "reason", "http_status")
+            k: [None] * idx.size
+            for k in (
+                "result",
+                "error",
+                "message",
+                "reason",
+                "ticket",
+                "state",
+                "http_status",
+                "events",
+                "earlier_run",
+            )
         }
         for k, problem in enumerate(problems):
+            if problem in _NOT_SENT_AGAIN:
+                answer = orjson.loads(earlier[k]) if earlier[k] else {}
+                for key in ("result", "error", "ticket", "state", "http_status"):
+                    filled[key][k] = answer.get(key)
+                for key in ("reason", "events"):
+                    v = answer.get(key)
+                    filled[key][k] = None if v is None else orjson.dumps(v).decode()
+                before = f" ({answer['message']})" if answer.get("message") else ""
+                filled["message"][k] = f"not sent again: {messages[k]}{before}"
+                filled["earlier_run"][k] = earlier_run[k]
+                continue
+            if problem == "outside_window":
+                filled["message"][k] = messages[k]
+                continue
             if problem == "duplicate":
                 where = f"{self.paths[dup_file[k]].as_py()} line {dup_line[k]}"
                 what = f"record key {rid[k]!r}" if rid[k] else "the same file"
@@ -406,8 +437,9 @@ _OWN = {"job", "target", "batch", "status", "result", "error", "ticket", "state"
 _NEVER_NULL = {"index", "source", "line", "job", "target", "status", "time"}
 
 
-def jsonl_lines(table: pa.Table, esc: np.ndarray | None = None,
-                sources_json: pa.Array | None = None) -> bytes:
+def jsonl_lines(
+    table: pa.Table, esc: np.ndarray | None = None, sources_json: pa.Array | None = None
+) -> bytes:
     """Every row of a results table as one JSON line, rendered column-wise.
 
     ``esc`` marks the rows whose input values may need escaping (extract knows);

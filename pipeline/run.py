@@ -9,13 +9,14 @@ creates a run directory and chains them.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
@@ -32,13 +33,17 @@ from pipeline.extract import (
     file_sha256,
 )
 from pipeline.flow import run_chain
-from pipeline.normalize import InputRef, Normalizer
+from pipeline.normalize import InputRef, Normalizer, Window
 from pipeline.results import ReportWriter
 from pipeline.rundir import STAGES, RunDir, now_iso
+
+if TYPE_CHECKING:
+    from pipeline.ledger import Ledger
 
 __all__ = ["Progress", "RunOutcome", "open_run", "run_pipeline", "run_stage", "start_run"]
 
 Progress = Callable[[str, int], None]
+log = logging.getLogger("mailpipe")
 
 
 @dataclass
@@ -66,6 +71,65 @@ def _noop(stage: str, rows: int) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run treats the ledger and its input; kept in the manifest for stage re-runs.
+
+    ``resend``: jobs whose records are sent again even when the ledger settled
+    them; ``in_doubt``: what to do with records a crashed run may or may not
+    have sent (``skip`` or ``resend``); ``window``: backfill's created-at window
+    (epoch seconds); ``dry_run``: simulate, store and ledger untouched;
+    ``rate``: at most this many recipients a second.
+    """
+
+    resend: tuple[str, ...] = ()
+    in_doubt: str = "skip"
+    window: tuple[int, int] | None = None
+    dry_run: bool = False
+    rate: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resend": list(self.resend),
+            "in_doubt": self.in_doubt,
+            "window": list(self.window) if self.window else None,
+            "dry_run": self.dry_run,
+            "rate": self.rate,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> RunOptions:
+        data = data or {}
+        w = data.get("window")
+        return cls(
+            tuple(data.get("resend") or ()),
+            data.get("in_doubt") or "skip",
+            (int(w[0]), int(w[1])) if w else None,
+            bool(data.get("dry_run")),
+            data.get("rate"),
+        )
+
+
+def _ledger(run: RunDir, cfg: MailpipeConfig) -> Ledger | None:
+    """The ledger this run writes to."""
+    from pipeline.ledger import Ledger  # SQLAlchemy: imported when a run needs the store
+    from pipeline.store import Store
+
+    # a dry run reads the ledger (what was sent stays unsent) but its writes are rolled back
+    dry = RunOptions.from_json(run.manifest().get("options")).dry_run
+    return Ledger(Store(cfg.store.url, dry_run=dry), run.run_id)
+
+
+def _normalizer(
+    run: RunDir, cfg: MailpipeConfig, name: str, refs: Sequence[InputRef], ledger: Ledger | None
+) -> Normalizer:
+    opts = RunOptions.from_json(run.manifest().get("options"))
+    window = Window(*opts.window) if opts.window else None
+    return Normalizer(
+        cfg.plan(name), refs, ledger=ledger, resend=name in opts.resend, window=window
+    )
+
+
 # -- starting a run -------------------------------------------------------------
 
 
@@ -75,6 +139,7 @@ def start_run(
     inputs: Sequence[str] = (),
     out: str | None = None,
     run_id: str | None = None,
+    options: RunOptions | None = None,
 ) -> RunDir:
     """Create the run directory: the config it runs with, its jobs and input files."""
     names = list(jobs) if jobs else [n for n, j in cfg.jobs.items() if j.enabled]
@@ -106,6 +171,7 @@ def start_run(
             "inputs": entries,
             "stages": {s: {"state": "pending"} for s in STAGES},
             "counts": {},
+            "options": (options or RunOptions()).to_json(),
         }
     )
     return run
@@ -258,9 +324,10 @@ def _normalize(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
     manifest = run.manifest()
     refs = _input_refs(manifest["inputs"])
     detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
+    ledger = _ledger(run, cfg)
     for name in manifest["jobs"]:
         plan = cfg.plan(name)
-        norm = Normalizer(plan, refs)
+        norm = _normalizer(run, cfg, name, refs, ledger)
         with run.stage_writer("normalize", name, norm.schema) as out:
             step = _NormalizeStep(norm, out, progress)
             for batch in run.stage_reader("extract", plan.source_name):
@@ -279,7 +346,9 @@ def _input_refs(inputs: list[dict[str, Any]]) -> list[InputRef]:
     for entry in inputs:
         key = (entry["source"], entry.get("sha256") or f"unread:{entry['id']}")
         same = first.setdefault(key, entry["id"])
-        refs.append(InputRef(entry["path"], None if same == entry["id"] else same))
+        refs.append(
+            InputRef(entry["path"], None if same == entry["id"] else same, entry.get("sha256"))
+        )
     return refs
 
 
@@ -313,6 +382,7 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
     counter = BatchCounter()
     detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
     done: set[str] = set()
+    ledger = _ledger(run, cfg)
     try:
         for name in manifest["jobs"]:
             plan = cfg.plan(name)
@@ -322,7 +392,7 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
             else:
                 feed = _extracted(run, cfg, src, sources[src], progress, digest=False)
                 done.add(src)
-            norm = Normalizer(plan, refs)
+            norm = _normalizer(run, cfg, name, refs, ledger)
             with (
                 run.stage_writer("normalize", name, norm.schema) as nout,
                 run.stage_writer("build", name, BUILD_SCHEMA) as bout,
@@ -369,7 +439,9 @@ class _LazyRefs(Sequence[InputRef]):
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, int) and i in self._alone:
-            return InputRef(self._inputs[i]["path"])
+            return InputRef(
+                self._inputs[i]["path"], digest_of=lambda: self._digests.result().get(i)
+            )
         if self._refs is None:
             hashed = self._digests.result()
             self._refs = _input_refs([{**e, "sha256": hashed.get(e["id"])} for e in self._inputs])
@@ -391,8 +463,23 @@ def _deliver(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
     from pipeline.deliver.runner import deliver_job
 
     manifest = run.manifest()
+    opts = RunOptions.from_json(manifest.get("options"))
+    ledger = _ledger(run, cfg)
+    if opts.dry_run:
+        cfg = cfg.model_copy(
+            update={"delivery": cfg.delivery.model_copy(update={"mode": "simulate"})}
+        )
     for name in manifest["jobs"]:
-        deliver_job(run, cfg, cfg.plan(name), progress)
+        deliver_job(
+            run,
+            cfg,
+            cfg.plan(name),
+            progress,
+            ledger=ledger,
+            resend=name in opts.resend,
+            dry_run=opts.dry_run,
+            rate=opts.rate,
+        )
     run.update_manifest(mode=cfg.delivery.mode)
 
 
@@ -403,6 +490,8 @@ def _report(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> dict[str, A
         counts = writer.add_job(cfg.plan(name))
         progress("report", counts["rows"])
     summary = writer.close()
+    if manifest.get("in_doubt"):
+        summary["in_doubt"] = manifest["in_doubt"]
     summary["inputs"] = [
         {k: e.get(k) for k in ("path", "rows", "rejects", "error")} for e in manifest["inputs"]
     ]
@@ -429,21 +518,52 @@ def run_pipeline(
     out: str | None = None,
     until: str = "report",
     progress: Progress = _noop,
+    options: RunOptions | None = None,
 ) -> RunOutcome:
-    """Create a run directory and run the stages up to ``until``."""
+    """Create a run directory and run the stages up to ``until``.
+
+    On a SQLite store only one run goes at a time (a second one raises
+    :class:`~pipeline.lock.LockHeld` at once). Records a crashed run left in
+    doubt are resolved before anything else.
+    """
+    from pipeline.lock import RunLock, store_lock_path
+
     for path in inputs:
         if not Path(path).exists():
             raise ConfigError("INPUT", f"{path}: no such file")
-    run = start_run(cfg, jobs, inputs, out)
+    options = options or RunOptions()
+    lock_path = store_lock_path(cfg.store.url)
+    lock = RunLock(lock_path) if lock_path and not options.dry_run else None
+    if lock is not None:
+        lock.acquire("starting")
+    try:
+        run = start_run(cfg, jobs, inputs, out, options=options)
+        return _run_stages(run, cfg, until, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(run: RunDir, cfg: MailpipeConfig, until: str, progress: Progress) -> RunOutcome:
+    ledger = _ledger(run, cfg)
+    if ledger is not None:
+        ledger.start()
+        doubt = resolve_in_doubt(run, cfg, ledger)
+        if doubt:
+            run.update_manifest(in_doubt=doubt)
     summary: dict[str, Any] = {}
     stages = list(STAGES[: STAGES.index(until) + 1])
-    if stages[:3] == ["extract", "normalize", "build"]:
-        _build_stages_together(run, cfg, progress)
-        stages = stages[3:]
-    for stage in stages:
-        result = run_stage(run, cfg, stage, progress)
-        if stage == "report":
-            summary = result
+    try:
+        if stages[:3] == ["extract", "normalize", "build"]:
+            _build_stages_together(run, cfg, progress)
+            stages = stages[3:]
+        for stage in stages:
+            result = run_stage(run, cfg, stage, progress)
+            if stage == "report":
+                summary = result
+    finally:
+        if ledger is not None:
+            ledger.stop()
     if not summary:
         summary = {
             "run_id": run.run_id,
@@ -454,6 +574,40 @@ def run_pipeline(
             ],
         }
     return RunOutcome(run, summary)
+
+
+def resolve_in_doubt(run: RunDir, cfg: MailpipeConfig, ledger: Ledger) -> dict[str, Any]:
+    """Settle the records a stopped run left pending, before this run sends anything.
+
+    In simulate mode the engine's own log says what it processed; otherwise the
+    run's ``in_doubt`` policy decides: ``skip`` leaves them unsent (reported
+    ``ignored``), ``resend`` sends them again. Returns the counts per job.
+    """
+    opts = RunOptions.from_json(run.manifest().get("options"))
+    found: dict[str, Any] = {}
+    for job in run.manifest()["jobs"]:
+        doubts = ledger.in_doubt(job)
+        if not doubts:
+            continue
+        keys = [k for k, _, _ in doubts]
+        answers = ledger.platform_answers(job, keys) if cfg.delivery.mode == "simulate" else {}
+        decided = {
+            k: ("failed" if a.get("status") == "failed" else "completed", False, a)
+            for k, a in answers.items()
+        }
+        rest = [k for k in keys if k not in answers]
+        resent = rest if opts.in_doubt == "resend" else []
+        skipped = [] if opts.in_doubt == "resend" else rest
+        ledger.settle_doubt(job, decided, skipped, resent)
+        found[job] = {
+            "found": len(keys),
+            "answered_by_platform": len(decided),
+            "skipped": len(skipped),
+            "resent": len(resent),
+            "runs": sorted({r for _, r, _ in doubts}),
+        }
+        log.warning("in doubt", extra={"job": job, **found[job]})
+    return found
 
 
 def outcome_of(run: RunDir) -> RunOutcome:

@@ -101,6 +101,42 @@ ym_subscriptions = sa.Table(
     sa.Column("email_key", sa.String(320), primary_key=True),
     sa.Column("division", sa.String(200), primary_key=True),
 )
+# what mailpipe sent: one entry per record key (see pipeline/ledger.py)
+ledger = sa.Table(
+    "ledger",
+    metadata,
+    sa.Column("job", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(400), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | completed | failed | doubt
+    sa.Column("transient", sa.Boolean, nullable=False, default=False),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("batch", sa.String(64)),
+    sa.Column("outcome", sa.Text),  # the documented answer, as JSON
+    sa.Column("updated", sa.String(32), nullable=False),
+    sqlite_with_rowid=False,
+)
+sa.Index("ledger_by_state", ledger.c.job, ledger.c.state)
+# runs that hold pending ledger entries: a pending entry of a run that stopped beating
+# is in doubt
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started", sa.String(32), nullable=False),
+    sa.Column("heartbeat", sa.Float, nullable=False),
+    sa.Column("finished", sa.String(32)),
+)
+# the simulated platforms' own record of what they processed (for in-doubt questions)
+platform_log = sa.Table(
+    "platform_log",
+    metadata,
+    sa.Column("job", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(400), primary_key=True),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sqlite_with_rowid=False,
+)
 
 
 def email_key(email: str) -> str:
@@ -130,8 +166,9 @@ def verify_password(password: str, stored: str) -> bool:
 class Store:
     """Open (and if needed create) the store at a SQLAlchemy URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, dry_run: bool = False) -> None:
         self.url = url
+        self.dry_run = dry_run
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -168,7 +205,15 @@ class Store:
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
-        """One transaction."""
+        """One transaction (rolled back instead of committed in a dry run)."""
+        if self.dry_run:
+            with self.engine.connect() as conn:
+                trans = conn.begin()
+                try:
+                    yield conn
+                finally:
+                    trans.rollback()
+            return
         with self.engine.begin() as conn:
             yield conn
 

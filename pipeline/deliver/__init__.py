@@ -12,14 +12,16 @@ stage file, in the platform's own vocabulary:
 ``ticket``/``state``/``http_status``  Yesmail ticket id, its state, the HTTP status
 ``events``       ticket events as JSON (``retrying`` for each retry, with its reason)
 ``events``       ticket events as JSON (``retrying`` for each retry, with its reason)
+``earlier_run``  for a record not sent again: the run whose answer it carries
 ``time``         when the outcome was known
+``_transient``   a failure that a later attempt may cure (the ledger lets a later run retry it)
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["OUTCOME_SCHEMA"]
+__all__ = ["OUTCOME_SCHEMA", "conform"]
 
 OUTCOME_SCHEMA = pa.schema(
     [
@@ -33,6 +35,16 @@ OUTCOME_SCHEMA = pa.schema(
         pa.field("state", pa.string()),
         pa.field("http_status", pa.int32()),
         pa.field("events", pa.string()),
+        pa.field("earlier_run", pa.string()),
         pa.field("time", pa.string()),
+        pa.field("_transient", pa.bool_()),
     ]
 )
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """An outcome table in OUTCOME_SCHEMA order; columns a backend left out are null."""
+    n = table.num_rows
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
+            else pa.nulls(n, f.type) for f in OUTCOME_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=OUTCOME_SCHEMA)

@@ -9,18 +9,23 @@ recipient of the chunk and writes the batches' response files.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.build import batch_id, primary_rows
 from pipeline.config import JobPlan, MailpipeConfig
-from pipeline.deliver import OUTCOME_SCHEMA
+from pipeline.deliver import OUTCOME_SCHEMA, conform
 from pipeline.errors import MailpipeError
-from pipeline.rundir import BatchFileWriter, RunDir
+from pipeline.ledger import Entry, Ledger
+from pipeline.payloads.jsonfrag import field, member, obj
+from pipeline.rundir import BatchFileWriter, RunDir, now_iso
 
 __all__ = ["Backend", "BatchRows", "Chunk", "deliver_job", "iter_chunks"]
 
@@ -48,6 +53,26 @@ class Chunk:
     def ids(self) -> list[str]:
         return [batch_id(self.target, int(n)) for n in self.numbers]
 
+    def sizes(self) -> np.ndarray:
+        sizes: np.ndarray = np.diff(self.starts)
+        return sizes
+
+    def recipient_batches(self) -> list[str]:
+        """The batch id of every recipient."""
+        return np.repeat(np.array(self.ids(), dtype=object), self.sizes()).tolist()
+
+    def subset(self, keep: np.ndarray) -> Chunk:
+        """The chunk without the recipients not kept (a batch left empty disappears)."""
+        per = np.repeat(self.numbers, self.sizes())[keep]
+        cuts = np.flatnonzero(np.diff(per)) + 1
+        starts = np.concatenate(([0], cuts, [per.size])) if per.size else np.zeros(1, np.int64)
+        return Chunk(
+            self.target,
+            self.rows.filter(pa.array(keep)),
+            per[starts[:-1]] if per.size else per,
+            starts,
+        )
+
     def batches(self) -> Iterator[BatchRows]:
         for number, bid, s, e in zip(
             self.numbers.tolist(), self.ids(), self.starts[:-1].tolist(), self.starts[1:].tolist()
@@ -64,23 +89,23 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def iter_chunks(run: RunDir, plan: JobPlan) -> Iterator[Chunk]:
+def iter_chunks(run: RunDir, plan: JobPlan, size: int = CHUNK_RECIPIENTS) -> Iterator[Chunk]:
     """The job's batches, a chunk at a time (build stage joined to normalize by position)."""
     rows_iter = primary_rows(iter(run.stage_reader("normalize", plan.name)))
     pending: list[pa.Table] = []
     have = 0
     group: list[pa.RecordBatch] = []
-    size = 0
+    total = 0
     for built in run.stage_reader("build", plan.name):
         group.append(built)
-        size += built.num_rows
-        if size < CHUNK_RECIPIENTS:
+        total += built.num_rows
+        if total < size:
             continue
-        yield from _chunk(plan, group, size, rows_iter, pending, have)
+        yield from _chunk(plan, group, total, rows_iter, pending, have)
         have = sum(t.num_rows for t in pending)
-        group, size = [], 0
+        group, total = [], 0
     if group:
-        yield from _chunk(plan, group, size, rows_iter, pending, have)
+        yield from _chunk(plan, group, total, rows_iter, pending, have)
 
 
 def _chunk(
@@ -106,22 +131,114 @@ def _chunk(
 
 
 def deliver_job(
-    run: RunDir, cfg: MailpipeConfig, plan: JobPlan, progress: Callable[[str, int], None]
+    run: RunDir,
+    cfg: MailpipeConfig,
+    plan: JobPlan,
+    progress: Callable[[str, int], None],
+    ledger: Ledger | None = None,
+    resend: bool = False,
+    dry_run: bool = False,
+    rate: float | None = None,
 ) -> None:
-    """Deliver every batch of a job in order; write responses and one outcome per recipient."""
-    backend = make_backend(cfg, plan)
+    """Deliver every batch of a job in order; write responses and one outcome per recipient.
+
+    With a ledger, each chunk's records are claimed (pending) in one transaction
+    before any is sent, and finished (completed/failed) in one after; records
+    another run settled or holds are not sent and come back ``ignored``.
+    """
+    backend = make_backend(cfg, plan, dry_run=dry_run)
+    # with a rate limit, chunks shrink to about one second of sending
+    size = max(1, min(CHUNK_RECIPIENTS, int(rate))) if rate else CHUNK_RECIPIENTS
+    started, sent = time.monotonic(), 0
     try:
         with (
             run.stage_writer("deliver", plan.name, OUTCOME_SCHEMA) as out,
             run.batch_writer() as files,
         ):
-            for chunk in iter_chunks(run, plan):
-                outcomes = backend.deliver(chunk, files)
+            for chunk in iter_chunks(run, plan, size):
+                outcomes = _deliver_chunk(backend, chunk, files, plan, ledger, resend)
                 files.flush()
-                out.write_table(outcomes.cast(OUTCOME_SCHEMA))
+                out.write_table(outcomes)
                 progress("deliver", chunk.rows.num_rows)
+                sent += chunk.rows.num_rows
+                if rate:
+                    time.sleep(max(0.0, sent / rate - (time.monotonic() - started)))
     finally:
         backend.close()
+
+
+def _deliver_chunk(
+    backend: Backend,
+    chunk: Chunk,
+    files: BatchFileWriter,
+    plan: JobPlan,
+    ledger: Ledger | None,
+    resend: bool,
+) -> pa.Table:
+    if ledger is None:
+        return conform(backend.deliver(chunk, files))
+    keys = chunk.rows.column("_lkey").to_pylist()
+    batches = chunk.recipient_batches()
+    claimed, held = ledger.claim(plan.name, keys, batches, resend)
+    sent = chunk if claimed.all() else chunk.subset(claimed)
+    got = conform(backend.deliver(sent, files)) if sent.rows.num_rows else None
+    if got is not None:
+        picked = np.flatnonzero(claimed).tolist()
+        status = got.column("status").to_pylist()
+        ledger.finish(
+            plan.name,
+            [keys[i] for i in picked],
+            ["failed" if s == "failed" else "completed" for s in status],
+            got.column("_transient").fill_null(False).to_pylist(),
+            [batches[i] for i in picked],
+            outcome_json(got).to_pylist(),
+        )
+    if claimed.all():
+        assert got is not None
+        return got
+    others = _held(chunk.rows.filter(pa.array(~claimed)), keys, claimed, held)
+    merged = pa.concat_tables([t for t in (got, others) if t is not None])
+    order = np.argsort(merged.column("_rec").to_numpy(), kind="stable")
+    return merged.take(pa.array(order))
+
+
+def _held(rows: pa.Table, keys: list[str], claimed: np.ndarray, held: dict[str, Entry]) -> pa.Table:
+    """Outcomes of records not sent: another run settled (or holds) them; carry its answer."""
+    fields: dict[str, list[Any]] = {f.name: [] for f in OUTCOME_SCHEMA if f.name != "_rec"}
+    for i in np.flatnonzero(~claimed).tolist():
+        e = held[keys[i]]
+        answer = e.outcome or {}
+        for name in ("result", "error", "reason", "ticket", "state", "http_status", "events"):
+            value = answer.get(name)
+            plain = name == "http_status" or value is None or isinstance(value, str)
+            fields[name].append(value if plain else orjson.dumps(value).decode())
+        fields["status"].append("ignored")
+        detail = f": {answer['message']}" if answer.get("message") else ""
+        fields["message"].append(
+            f"being sent by run {e.run_id}"
+            if e.state == "pending"
+            else f"already {e.state} in run {e.run_id}{detail}"
+        )
+        fields["earlier_run"].append(e.run_id)
+        fields["time"].append(now_iso())
+        fields["_transient"].append(False)
+    table = {"_rec": rows.column("_rec")}
+    table.update({k: pa.array(v, OUTCOME_SCHEMA.field(k).type) for k, v in fields.items()})
+    return conform(pa.table(table))
+
+
+def outcome_json(outcomes: pa.Table) -> pa.Array:
+    """Each recipient's documented answer as one JSON object, for the ledger."""
+    n = outcomes.num_rows
+    members = [
+        field(name, outcomes.column(name).combine_chunks(), None)
+        for name in ("status", "result", "error", "message", "ticket", "state")
+    ]
+    members += [
+        member(name, outcomes.column(name).combine_chunks()) for name in ("reason", "events")
+    ]
+    members.append(member("http_status", pc.cast(outcomes.column("http_status"), pa.string())))
+    return obj(members, n)
 
 
 # delivery mode -> "module:Class" of its backend, imported when a run uses it
@@ -132,11 +249,16 @@ BACKENDS = {
 }
 
 
-def make_backend(cfg: MailpipeConfig, plan: JobPlan) -> Backend:
-    """The backend of the run's delivery mode: ``Class(cfg, plan)``."""
+def make_backend(cfg: MailpipeConfig, plan: JobPlan, dry_run: bool = False) -> Backend:
+    """The backend of the run's delivery mode: ``Class(cfg, plan)``; a dry run simulates
+    without keeping what the engine would change."""
     import importlib
 
-    mode = cfg.delivery.mode
+    mode = "simulate" if dry_run else cfg.delivery.mode
+    if dry_run:
+        from pipeline.deliver.simulate import SimulateBackend
+
+        return SimulateBackend(cfg, plan, dry_run=True)
     module, _, name = BACKENDS[mode].partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)

@@ -18,12 +18,13 @@ import pyarrow.compute as pc
 
 from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
-from pipeline.deliver import OUTCOME_SCHEMA
+from pipeline.deliver import OUTCOME_SCHEMA, conform
 from pipeline.deliver.runner import BatchRows, Chunk
 from pipeline.engine.ondemand import RecipColumns, columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
 from pipeline.engine.yesmail import SendAnswer, evaluate_send
 from pipeline.errors import MaestroResult, YesmailStatus
+from pipeline.ledger import log_platform
 from pipeline.payloads import builder_for
 from pipeline.payloads.batching import with_commas
 from pipeline.payloads.jsonfrag import string_literal
@@ -42,22 +43,30 @@ def outcome_table(recs: pa.Array, **cols: list[Any]) -> pa.Table:
             continue
         values = cols.get(f.name)
         arrays[f.name] = pa.array(values, f.type) if values is not None else pa.nulls(n, f.type)
-    return pa.table(arrays, schema=OUTCOME_SCHEMA)
+    return conform(pa.table(arrays))
 
 
 class SimulateBackend:
     """Answers batches of one job with the engine, from the store."""
 
-    def __init__(self, cfg: MailpipeConfig, plan: JobPlan) -> None:
+    def __init__(self, cfg: MailpipeConfig, plan: JobPlan, dry_run: bool = False) -> None:
         self.cfg = cfg
         self.plan = plan
-        self.store = Store(cfg.store.url)
+        self.store = Store(cfg.store.url, dry_run=dry_run)
         if cfg.simulate.mail_jobs:
             self.store.sync_mail_jobs(dict(cfg.simulate.mail_jobs))
         self.builder = builder_for(plan)
+        self._keys_now: list[str] = []
 
     def close(self) -> None:
         self.store.close()
+
+    @staticmethod
+    def _keys(rows: pa.Table) -> list[str]:
+        """The recipients' ledger keys (absent when rows come from elsewhere, e.g. tests)."""
+        if "_lkey" not in rows.column_names:
+            return []
+        return [k or "" for k in rows.column("_lkey").to_pylist()]
 
     def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         target = self.plan.target
@@ -77,7 +86,27 @@ class SimulateBackend:
         """The whole chunk in one engine call; responses and outcomes built column-wise."""
         rows = chunk.rows
         n = rows.num_rows
-        answer = evaluate_ondemand(self.cfg, self.plan, self.store, self._recip_columns(rows))
+        keys = self._keys(rows)
+
+        def log(conn: Any, codes: list[MaestroResult], msgs: list[str | None]) -> None:
+            log_platform(
+                conn,
+                self.plan.name,
+                keys,
+                [
+                    orjson.dumps(
+                        {
+                            "status": "completed" if c is MaestroResult.SUCCESS else "failed",
+                            **c.response(m),
+                        }
+                    ).decode()
+                    for c, m in zip(codes, msgs)
+                ],
+            )
+
+        answer = evaluate_ondemand(
+            self.cfg, self.plan, self.store, self._recip_columns(rows), log=log if keys else None
+        )
         now = now_iso()
         recs = rows.column("_rec").combine_chunks()
         if answer.request_error is not None:
@@ -128,8 +157,7 @@ class SimulateBackend:
                 "http_status": pa.nulls(n, pa.int32()),
                 "events": pa.nulls(n, pa.string()),
                 "time": pa.array(np.full(n, now, dtype=object), pa.string()),
-            },
-            schema=OUTCOME_SCHEMA,
+            }
         )
 
     def _recip_columns(self, rows: pa.Table) -> RecipColumns:
@@ -180,7 +208,24 @@ class SimulateBackend:
 
     def _subscribe(self, b: BatchRows) -> tuple[bytes, pa.Table]:
         calls = [orjson.loads(item) for item in self.builder.items(b.rows).to_pylist()]
-        answers = evaluate_subscribe(self.cfg, self.store, calls, self.plan.job.subscribe_url)
+        keys = self._keys(b.rows)
+
+        def log(conn: Any, answers: list[dict[str, Any]]) -> None:
+            log_platform(
+                conn,
+                self.plan.name,
+                keys,
+                [
+                    orjson.dumps(
+                        {"status": "completed" if a["result"] == "SUCCESS" else "failed", **a}
+                    ).decode()
+                    for a in answers
+                ],
+            )
+
+        answers = evaluate_subscribe(
+            self.cfg, self.store, calls, self.plan.job.subscribe_url, log=log if keys else None
+        )
         n = len(answers)
         ok = [a["result"] == "SUCCESS" for a in answers]
         return orjson.dumps(answers), outcome_table(
@@ -198,9 +243,11 @@ class SimulateBackend:
         head = orjson.loads(self.builder.body_head() + b"]}")  # type: ignore[attr-defined]
         n = len(items)
         fields: dict[str, list[Any]] = {
-            k: [None] * n for k in ("status", "ticket", "state", "message", "http_status", "events", "time")
+            k: [None] * n
+            for k in ("status", "ticket", "state", "message", "http_status", "events", "time")
         }
         attempts: list[dict[str, Any]] = []
+        self._keys_now = self._keys(b.rows)
         self._bisect(head, items, list(range(n)), b.id, attempts, fields)
         return orjson.dumps({"attempts": attempts}), outcome_table(
             b.rows.column("_rec").combine_chunks(), **fields
@@ -217,7 +264,32 @@ class SimulateBackend:
     ) -> None:
         """Send ``idx``; on 400/409 split it, so only the offending recipients fail."""
         body = {**head, "recipients": [items[i] for i in idx]}
-        answer: SendAnswer = evaluate_send(self.store, body, self.cfg.simulate.api_user, ref)
+        keys = [self._keys_now[i] for i in idx] if self._keys_now else []
+
+        def log(conn: Any, ans: SendAnswer) -> None:
+            ticket = ans.ticket or {}
+            log_platform(
+                conn,
+                self.plan.name,
+                keys,
+                [
+                    orjson.dumps(
+                        {
+                            "status": s,
+                            "ticket": ticket.get("id"),
+                            "state": ticket.get("state"),
+                            "message": ticket.get("message"),
+                            "http_status": int(ans.status),
+                            "events": ticket.get("events"),
+                        }
+                    ).decode()
+                    for s in ans.per_recipient
+                ],
+            )
+
+        answer: SendAnswer = evaluate_send(
+            self.store, body, self.cfg.simulate.api_user, ref, log=log if keys else None
+        )
         attempts.append(_attempt(idx, answer))
         if answer.status is YesmailStatus.ACCEPTED:
             assert answer.ticket is not None

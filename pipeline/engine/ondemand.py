@@ -29,6 +29,7 @@ left: recipients are processed in rounds of first, second, … occurrences.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,9 +120,18 @@ def request_error(cfg: MailpipeConfig, plan: JobPlan, store: Store) -> R | None:
 
 
 def evaluate_ondemand(
-    cfg: MailpipeConfig, plan: JobPlan, store: Store, rc: RecipColumns, today: str | None = None
+    cfg: MailpipeConfig,
+    plan: JobPlan,
+    store: Store,
+    rc: RecipColumns,
+    today: str | None = None,
+    log: Callable[[Any, list[R], list[str | None]], None] | None = None,
 ) -> OnDemandAnswer:
-    """Answer every recipient, update the store in one transaction."""
+    """Answer every recipient, update the store in one transaction.
+
+    ``log(conn, codes, messages)`` runs in that transaction with the answers (the
+    simulate backend keeps the platform's own record of what it processed).
+    """
     n = len(rc)
     err = request_error(cfg, plan, store)
     if err is not None:
@@ -161,7 +171,9 @@ def evaluate_ondemand(
             R.ADDRESS_REJECTED_BY_SUPPRESSION_LIST,
         )
         _rounds(cfg, plan, store, conn, rc, keys, emails, flag_on, code, message, day)
-    code[code == None] = R.SUCCESS  # noqa: E711
+        code[code == None] = R.SUCCESS  # noqa: E711
+        if log is not None:
+            log(conn, list(code), list(message))
     return OnDemandAnswer(None, list(code), list(message))
 
 

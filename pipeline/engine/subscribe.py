@@ -21,6 +21,7 @@ confirmation (never as subscribed), the password only as a salted hash.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -122,7 +123,11 @@ def external_subscribe_url(base: str | None, lst: ListConfig, email: str) -> str
 
 
 def evaluate_subscribe(
-    cfg: MailpipeConfig, store: Store, calls: list[SubscribeCall], base_url: str | None = None
+    cfg: MailpipeConfig,
+    store: Store,
+    calls: list[SubscribeCall],
+    base_url: str | None = None,
+    log: Callable[[Any, list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer each call in order; the store is updated in one transaction."""
     answers: list[dict[str, Any]] = []
@@ -172,6 +177,8 @@ def evaluate_subscribe(
                 writes,
             )
         store.upsert_subscribers(conn, writes)
+        if log is not None:
+            log(conn, answers)
     return answers
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ def evaluate_send(
     user: str = "mailpipe",
     ref: str | None = None,
     api_base: str = "https://api.yesmail.com",
+    log: Callable[[Any, SendAnswer], None] | None = None,
 ) -> SendAnswer:
     """Judge one request; on 202 the store is updated in one transaction."""
     problem = _request_problem(body)
@@ -147,7 +149,10 @@ def evaluate_send(
         for key, values, member_of in writes:
             store.upsert_ym_subscriber(conn, key, values)
             store.set_ym_subscriptions(conn, key, member_of)
-    return _accepted(recipients, outcomes, user, ref, api_base)
+        answer = _accepted(recipients, outcomes, user, ref, api_base)
+        if log is not None:
+            log(conn, answer)
+    return answer
 
 
 def _request_problem(body: Any) -> str | None:
