@@ -498,7 +498,10 @@ def _register_commands() -> None:
         importlib.import_module(name).register(main)
 
 
-_register_commands()
-
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # ``python -m pipeline.cli``: run the importable copy, whose commands are registered
+    from pipeline.cli import main as _registered
+
+    _registered()
+else:
+    _register_commands()

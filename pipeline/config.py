@@ -345,7 +345,7 @@ class StoreConfig(_Model):
 
 class RunConfig(_Model):
     out: str = "out"
-    chunk_rows: int = Field(default=65536, ge=16, le=4_194_304)
+    chunk_rows: int = Field(default=65536, ge=1, le=4_194_304)
 
 
 MailJobState = Literal["authorized", "closed", "not-authorized"]

@@ -17,18 +17,21 @@ Exceptions::
     ├── InputFileError            one input file cannot be read at all
     ├── RunDirError               a run directory is missing or inconsistent
     └── DeliveryError             a send failed (transient or permanent)
+        └── DeliveryStopped       the run must stop now (credentials refused, server
+                                  unreachable): rows not yet answered stay untouched
 """
 
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "ASYNC_STATUSES",
     "AsyncStatus",
     "ConfigError",
     "DeliveryError",
+    "DeliveryStopped",
     "InputFileError",
     "MaestroResult",
     "MailpipeError",
@@ -185,3 +188,19 @@ class DeliveryError(MailpipeError):
     def __init__(self, message: str, *, code: int | str | None = None, transient: bool) -> None:
         super().__init__(message, transient=transient)
         self.code = code
+
+
+class DeliveryStopped(DeliveryError):
+    """Delivery cannot go on (a 401, a server that cannot be reached): stop the run at once.
+
+    Nothing more is sent. ``partial`` holds the outcomes (``OUTCOME_SCHEMA``
+    rows) of the recipients of the current chunk that were answered before the
+    stop, whose response files were written; every other recipient was not sent
+    and must stay untouched (pending), not failed.
+    """
+
+    def __init__(
+        self, message: str, *, code: int | str | None = None, transient: bool = False
+    ) -> None:
+        super().__init__(message, code=code, transient=transient)
+        self.partial: Any = None

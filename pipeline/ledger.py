@@ -99,14 +99,19 @@ class Ledger:
             )
 
     def live_runs(self, conn: Connection) -> set[str]:
-        """Runs other than this one that still beat (and have not finished)."""
+        """Runs other than this one that still beat (and have not finished).
+
+        A run on this host whose process is gone is dead at once, without
+        waiting for its heartbeat to go stale.
+        """
         cutoff = time.time() - STALE_SECONDS
         rows = conn.execute(
-            sa.select(runs.c.run_id).where(
+            sa.select(runs.c.run_id, runs.c.host, runs.c.pid).where(
                 runs.c.finished.is_(None), runs.c.heartbeat >= cutoff, runs.c.run_id != self.run_id
             )
         )
-        return {r[0] for r in rows}
+        host = socket.gethostname()
+        return {r for r, h, pid in rows if h != host or _alive(pid)}
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -153,19 +158,21 @@ class Ledger:
 
     def claim(
         self, job: str, keys: Sequence[str], batches: Sequence[str], resend: bool = False
-    ) -> tuple[np.ndarray, dict[str, Entry]]:
+    ) -> tuple[np.ndarray, dict[str, Entry], dict[str, Entry]]:
         """Mark the keys pending for this run, in one transaction, before any is sent.
 
-        Returns which keys were claimed, and the entries of those that were not:
-        final ones (unless ``resend``), and pending ones of another live run.
+        Returns which keys were claimed; the entries of those that were not
+        (final ones unless ``resend``, pending ones of another live run); and the
+        earlier entries of keys claimed all the same (a resend, a retry).
         """
         claimed = np.ones(len(keys), dtype=bool)
         if not keys:
-            return claimed, {}
+            return claimed, {}, {}
         with self.store.begin() as conn:
             existing = self._lookup(conn, job, keys)
             live = self.live_runs(conn) if existing else set()
             held: dict[str, Entry] = {}
+            previous: dict[str, Entry] = {}
             for i, k in enumerate(keys):
                 e = existing.get(k)
                 if e is None or e.run_id == self.run_id:
@@ -173,9 +180,11 @@ class Ledger:
                 if (e.final and not resend) or (e.state == "pending" and e.run_id in live):
                     claimed[i] = False
                     held[k] = e
+                else:
+                    previous[k] = e
             mine = [(k, b) for k, b, c in zip(keys, batches, claimed.tolist()) if c]
             self._write(conn, job, [(k, "pending", False, b, None) for k, b in mine])
-        return claimed, held
+        return claimed, held, previous
 
     def finish(
         self,
@@ -210,6 +219,19 @@ class Ledger:
         )
         for i in range(0, len(params), _CHUNK):
             conn.exec_driver_sql(sql, params[i : i + _CHUNK])
+
+    def release(self, job: str, keys: Sequence[str]) -> None:
+        """Give back claims of keys this run did not send after all (the run stops)."""
+        with self.store.begin() as conn:
+            for i in range(0, len(keys), 500):
+                conn.execute(
+                    ledger.delete().where(
+                        ledger.c.job == job,
+                        ledger.c.run_id == self.run_id,
+                        ledger.c.state == "pending",
+                        ledger.c.key.in_(list(keys[i : i + 500])),
+                    )
+                )
 
     # -- in doubt ----------------------------------------------------------------------
 
@@ -279,7 +301,21 @@ def log_platform(conn: Connection, job: str, keys: Sequence[str], outcomes: Sequ
     dialect = conn.engine.dialect.name
     mark = "?" if dialect == "sqlite" else "%s"
     conn.exec_driver_sql(
-        f"INSERT INTO platform_log (job, key, outcome) VALUES ({mark}, {mark}, {mark}) "
-        "ON CONFLICT (job, key) DO UPDATE SET outcome = excluded.outcome",
+        f"INSERT INTO platform_log (job, key, outcome, sends) VALUES ({mark}, {mark}, {mark}, 1) "
+        "ON CONFLICT (job, key) DO UPDATE SET outcome = excluded.outcome, "
+        "sends = platform_log.sends + 1",
         [(job, k, o) for k, o in zip(keys, outcomes)],
     )
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether a process with this id exists on this host."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -36,8 +36,11 @@ T = TypeVar("T")
 
 def retrying_event(reason: str, at: str) -> dict[str, str]:
     """A Yesmail-style ticket event for one retry (``003_…``: state ``retrying``)."""
-    return {"state": "retrying",
-            "message": f"Send email request is being retried because {reason}", "time": at}
+    return {
+        "state": "retrying",
+        "message": f"Send email request is being retried because {reason}",
+        "time": at,
+    }
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,9 @@ class RetryPolicy:
             return exc.transient
         return isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError))
 
-    def call(self, fn: Callable[[], T],
-             on_retry: Callable[[int, BaseException], None] | None = None) -> T:
+    def call(
+        self, fn: Callable[[], T], on_retry: Callable[[int, BaseException], None] | None = None
+    ) -> T:
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
@@ -78,8 +82,11 @@ class RetryPolicy:
                 time.sleep(self.delay(attempt, getattr(e, "retry_after", None)))
         raise AssertionError("unreachable")
 
-    async def acall(self, fn: Callable[[], Awaitable[T]],
-                    on_retry: Callable[[int, BaseException], None] | None = None) -> T:
+    async def acall(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        on_retry: Callable[[int, BaseException], None] | None = None,
+    ) -> T:
         for attempt in range(1, self.attempts + 1):
             try:
                 return await fn()
@@ -90,4 +97,3 @@ class RetryPolicy:
                     on_retry(attempt, e)
                 await asyncio.sleep(self.delay(attempt, getattr(e, "retry_after", None)))
         raise AssertionError("unreachable")
-

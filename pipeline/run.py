@@ -579,9 +579,10 @@ def _run_stages(run: RunDir, cfg: MailpipeConfig, until: str, progress: Progress
 def resolve_in_doubt(run: RunDir, cfg: MailpipeConfig, ledger: Ledger) -> dict[str, Any]:
     """Settle the records a stopped run left pending, before this run sends anything.
 
-    In simulate mode the engine's own log says what it processed; otherwise the
-    run's ``in_doubt`` policy decides: ``skip`` leaves them unsent (reported
-    ``ignored``), ``resend`` sends them again. Returns the counts per job.
+    In simulate mode the engine's own log says what it processed (what it did
+    not process is sent now); otherwise the run's ``in_doubt`` policy decides:
+    ``skip`` leaves them unsent (reported ``ignored``), ``resend`` sends them
+    again. Returns the counts per job.
     """
     opts = RunOptions.from_json(run.manifest().get("options"))
     found: dict[str, Any] = {}
@@ -590,14 +591,16 @@ def resolve_in_doubt(run: RunDir, cfg: MailpipeConfig, ledger: Ledger) -> dict[s
         if not doubts:
             continue
         keys = [k for k, _, _ in doubts]
-        answers = ledger.platform_answers(job, keys) if cfg.delivery.mode == "simulate" else {}
+        asked = cfg.delivery.mode == "simulate"  # the simulated platform keeps a log
+        answers = ledger.platform_answers(job, keys) if asked else {}
         decided = {
             k: ("failed" if a.get("status") == "failed" else "completed", False, a)
             for k, a in answers.items()
         }
         rest = [k for k in keys if k not in answers]
-        resent = rest if opts.in_doubt == "resend" else []
-        skipped = [] if opts.in_doubt == "resend" else rest
+        # asked, and the platform does not know them: certainly not sent, so send them now
+        resent = rest if asked or opts.in_doubt == "resend" else []
+        skipped = [] if asked or opts.in_doubt == "resend" else rest
         ledger.settle_doubt(job, decided, skipped, resent)
         found[job] = {
             "found": len(keys),

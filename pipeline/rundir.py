@@ -49,9 +49,9 @@ def now_iso() -> str:
 
 
 def new_run_id() -> str:
-    """Sortable and unique: ``20261123T165117Z-3f9c1a``."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{secrets.token_hex(3)}"
+    """Sortable in start order and unique: ``20261123T165117.042Z-3f9c1a``."""
+    now = dt.datetime.now(dt.UTC)
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 class RunDir:

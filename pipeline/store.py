@@ -135,6 +135,7 @@ platform_log = sa.Table(
     sa.Column("job", sa.String(200), primary_key=True),
     sa.Column("key", sa.String(400), primary_key=True),
     sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("sends", sa.Integer, nullable=False, default=1),  # how often it was processed
     sqlite_with_rowid=False,
 )
 

@@ -45,6 +45,8 @@ OUTCOME_SCHEMA = pa.schema(
 def conform(table: pa.Table) -> pa.Table:
     """An outcome table in OUTCOME_SCHEMA order; columns a backend left out are null."""
     n = table.num_rows
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
-            else pa.nulls(n, f.type) for f in OUTCOME_SCHEMA]
+    cols = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+        for f in OUTCOME_SCHEMA
+    ]
     return pa.Table.from_arrays(cols, schema=OUTCOME_SCHEMA)

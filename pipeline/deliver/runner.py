@@ -9,6 +9,9 @@ recipient of the chunk and writes the batches' response files.
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ import pyarrow.compute as pc
 from pipeline.build import batch_id, primary_rows
 from pipeline.config import JobPlan, MailpipeConfig
 from pipeline.deliver import OUTCOME_SCHEMA, conform
-from pipeline.errors import MailpipeError
+from pipeline.errors import DeliveryStopped, MailpipeError
 from pipeline.ledger import Entry, Ledger
 from pipeline.payloads.jsonfrag import field, member, obj
 from pipeline.rundir import BatchFileWriter, RunDir, now_iso
@@ -96,16 +99,31 @@ def iter_chunks(run: RunDir, plan: JobPlan, size: int = CHUNK_RECIPIENTS) -> Ite
     have = 0
     group: list[pa.RecordBatch] = []
     total = 0
-    for built in run.stage_reader("build", plan.name):
-        group.append(built)
-        total += built.num_rows
-        if total < size:
-            continue
-        yield from _chunk(plan, group, total, rows_iter, pending, have)
-        have = sum(t.num_rows for t in pending)
-        group, total = [], 0
+    for whole in run.stage_reader("build", plan.name):
+        for built in _pieces(whole, size):
+            group.append(built)
+            total += built.num_rows
+            if total < size:
+                continue
+            yield from _chunk(plan, group, total, rows_iter, pending, have)
+            have = sum(t.num_rows for t in pending)
+            group, total = [], 0
     if group:
         yield from _chunk(plan, group, total, rows_iter, pending, have)
+
+
+def _pieces(built: pa.RecordBatch, size: int) -> list[pa.RecordBatch]:
+    """Split a build-stage record batch at batch boundaries into pieces of about ``size``
+    rows, so a chunk (the unit a crash can leave in doubt) stays near the configured size."""
+    if built.num_rows <= size:
+        return [built]
+    numbers = built.column("_batch").to_numpy()
+    starts = np.flatnonzero(np.diff(numbers)) + 1
+    # the first batch start in each stretch of ``size`` rows
+    bucket = starts // size
+    cuts = starts[np.flatnonzero(np.diff(bucket, prepend=0))].tolist()
+    edges = [0, *cuts, built.num_rows]
+    return [built.slice(a, b - a) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def _chunk(
@@ -148,7 +166,9 @@ def deliver_job(
     """
     backend = make_backend(cfg, plan, dry_run=dry_run)
     # with a rate limit, chunks shrink to about one second of sending
-    size = max(1, min(CHUNK_RECIPIENTS, int(rate))) if rate else CHUNK_RECIPIENTS
+    size = cfg.run.chunk_rows
+    if rate:
+        size = max(1, min(size, int(rate)))
     started, sent = time.monotonic(), 0
     try:
         with (
@@ -179,9 +199,15 @@ def _deliver_chunk(
         return conform(backend.deliver(chunk, files))
     keys = chunk.rows.column("_lkey").to_pylist()
     batches = chunk.recipient_batches()
-    claimed, held = ledger.claim(plan.name, keys, batches, resend)
+    claimed, held, previous = ledger.claim(plan.name, keys, batches, resend)
+    fault("after-claim")
     sent = chunk if claimed.all() else chunk.subset(claimed)
-    got = conform(backend.deliver(sent, files)) if sent.rows.num_rows else None
+    try:
+        got = conform(backend.deliver(sent, files)) if sent.rows.num_rows else None
+    except DeliveryStopped as stop:
+        _stopped(ledger, plan, sent, keys, batches, claimed, stop)
+        raise
+    fault("after-send")
     if got is not None:
         picked = np.flatnonzero(claimed).tolist()
         status = got.column("status").to_pylist()
@@ -193,6 +219,8 @@ def _deliver_chunk(
             [batches[i] for i in picked],
             outcome_json(got).to_pylist(),
         )
+    if got is not None and previous:
+        got = _note_resent(got, sent, previous, keys, claimed)
     if claimed.all():
         assert got is not None
         return got
@@ -200,6 +228,71 @@ def _deliver_chunk(
     merged = pa.concat_tables([t for t in (got, others) if t is not None])
     order = np.argsort(merged.column("_rec").to_numpy(), kind="stable")
     return merged.take(pa.array(order))
+
+
+def _note_resent(
+    got: pa.Table, sent: Chunk, previous: dict[str, Entry], keys: list[str], claimed: np.ndarray
+) -> pa.Table:
+    """--resend: say so on the records sent again, with the run that had settled them."""
+    picked = np.flatnonzero(claimed).tolist()
+    message = got.column("message").to_pylist()
+    earlier = got.column("earlier_run").to_pylist()
+    for j, i in enumerate(picked):
+        e = previous.get(keys[i])
+        if e is None:
+            continue
+        note = f"resent (--resend); earlier {e.state} in run {e.run_id}"
+        message[j] = f"{note}: {message[j]}" if message[j] else note
+        earlier[j] = e.run_id
+    got = got.set_column(
+        got.schema.get_field_index("message"), "message", pa.array(message, pa.string())
+    )
+    return got.set_column(
+        got.schema.get_field_index("earlier_run"), "earlier_run", pa.array(earlier, pa.string())
+    )
+
+
+def _stopped(
+    ledger: Ledger,
+    plan: JobPlan,
+    sent: Chunk,
+    keys: list[str],
+    batches: list[str],
+    claimed: np.ndarray,
+    stop: DeliveryStopped,
+) -> None:
+    """The backend stopped the run: keep what was answered, give back the rest untouched."""
+    picked = np.flatnonzero(claimed)
+    answered: pa.Table | None = conform(stop.partial) if stop.partial is not None else None
+    done: set[int] = set()
+    if answered is not None and answered.num_rows:
+        rec_pos = {r: i for i, r in enumerate(sent.rows.column("_rec").to_pylist())}
+        at = [int(picked[rec_pos[r]]) for r in answered.column("_rec").to_pylist()]
+        done = set(at)
+        status = answered.column("status").to_pylist()
+        ledger.finish(
+            plan.name,
+            [keys[i] for i in at],
+            ["failed" if s == "failed" else "completed" for s in status],
+            answered.column("_transient").fill_null(False).to_pylist(),
+            [batches[i] for i in at],
+            outcome_json(answered).to_pylist(),
+        )
+    ledger.release(plan.name, [keys[i] for i in picked.tolist() if i not in done])
+
+
+def fault(point: str) -> None:
+    """Fault injection for the crash tests: ``MAILPIPE_FAULT=after-claim:3`` kills this
+    process (SIGKILL, no clean-up) the third time it passes ``after-claim``."""
+    spec = os.environ.get("MAILPIPE_FAULT")
+    if not spec or not spec.startswith(point + ":"):
+        return
+    _FAULTS[point] = _FAULTS.get(point, 0) + 1
+    if _FAULTS[point] >= int(spec.rsplit(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULTS: dict[str, int] = {}
 
 
 def _held(rows: pa.Table, keys: list[str], claimed: np.ndarray, held: dict[str, Entry]) -> pa.Table:
