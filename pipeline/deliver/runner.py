@@ -283,7 +283,11 @@ def _stopped(
 
 def fault(point: str) -> None:
     """Fault injection for the crash tests: ``MAILPIPE_FAULT=after-claim:3`` kills this
-    process (SIGKILL, no clean-up) the third time it passes ``after-claim``."""
+    process (SIGKILL, no clean-up) the third time it passes ``after-claim``.
+
+    Points: ``after-claim`` (chunk recorded pending, nothing sent), ``mid-chunk``
+    (simulate: some of the chunk's batches processed by the platform),
+    ``after-send`` (all sent, the answers not yet in the ledger)."""
     spec = os.environ.get("MAILPIPE_FAULT")
     if not spec or not spec.startswith(point + ":"):
         return

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
 from pipeline.deliver import OUTCOME_SCHEMA, conform
-from pipeline.deliver.runner import BatchRows, Chunk
+from pipeline.deliver.runner import BatchRows, Chunk, fault
 from pipeline.engine.ondemand import RecipColumns, columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
 from pipeline.engine.yesmail import SendAnswer, evaluate_send
@@ -76,6 +76,7 @@ class SimulateBackend:
         tables = []
         for batch in chunk.batches():
             response, table = per_batch(batch)
+            fault("mid-chunk")  # the platform processed this batch; the chunk is not done
             files.add(batch.id, "response", response)
             tables.append(table)
         return pa.concat_tables(tables) if tables else outcome_table(pa.array([], pa.int64()))
