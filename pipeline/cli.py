@@ -301,6 +301,98 @@ def backfill(
     _finish(outcome, as_json)
 
 
+@main.command()
+@config_option
+@click.option("--once", is_flag=True, help="One look, then exit (for cron).")
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="A file unchanged this long is complete (default: [watch] settle, 30).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    metavar="SECONDS",
+    help="Without --once: look again after this long (default: [watch] interval, 10).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["simulate", "http", "smtp"]),
+    default=None,
+    help="Delivery mode, overriding [delivery] mode.",
+)
+@ledger_options
+@output_options
+@click.argument("drop_dir", type=click.Path(file_okay=False))
+@handle_errors
+def watch(
+    config_path: str,
+    once: bool,
+    settle: float | None,
+    interval: float | None,
+    mode: str | None,
+    resend: tuple[str, ...],
+    in_doubt: str,
+    as_json: bool,
+    log_json: bool,
+    drop_dir: str,
+) -> None:
+    """Run the files that land in DROP_DIR/incoming/.
+
+    \b
+    DROP_DIR/incoming/            put files here (NAME.part, then rename)
+    DROP_DIR/processing/RUN_ID/   files being run
+    DROP_DIR/done/                files that were read
+    DROP_DIR/failed/              files refused or unreadable, each with NAME.error
+    DROP_DIR/results/RUN_ID/      the run directory: results.jsonl, summary.json
+
+    A file is taken once unchanged for the settle time, or at once when
+    NAME.ready is there; dotfiles and *.part / *.tmp are left alone. The
+    source (and so the jobs) is the one whose path glob matches the name.
+    With --once, exit 0 when every taken row completed or was ignored
+    (nothing to do, or another runner holding the directory, is also 0),
+    1 when a file failed or a row failed.
+    """
+    from pipeline.watch import CycleReport
+    from pipeline.watch import watch as watch_dir
+
+    configure_logging(log_json)
+    cfg = _load(config_path, mode)
+    _check_resend(cfg, resend)
+    options = RunOptions(resend=resend, in_doubt=in_doubt)
+
+    def show(report: CycleReport) -> None:
+        if as_json:
+            click.echo(orjson.dumps(report.to_json()).decode())
+            return
+        if not (report.taken or report.failed or report.recovered):
+            log.info("nothing to take", extra={"waiting": report.waiting})
+            return
+        log.info("watch cycle", extra=report.to_json())
+        for name in report.done:
+            click.echo(f"done: {name}")
+        for why in report.failed.values():
+            click.echo(f"failed: {why}")
+        if report.run_dir:
+            click.echo(f"run directory: {report.run_dir}")
+
+    with progress_display(sys.stderr.isatty() and not log_json) as progress:
+        code = watch_dir(
+            cfg,
+            drop_dir,
+            once=once,
+            settle=settle,
+            interval=interval,
+            on_cycle=show,
+            progress=progress,
+            options=options,
+        )
+    sys.exit(code)
+
+
 def _epoch(text: str, option: str) -> int:
     import datetime as dt
 

@@ -348,6 +348,15 @@ class RunConfig(_Model):
     chunk_rows: int = Field(default=65536, ge=1, le=4_194_304)
 
 
+class WatchConfig(_Model):
+    """``mailpipe watch``: a file is complete once unchanged for ``settle`` seconds
+    (or when its ``NAME.ready`` marker is there); the drop directory is looked at
+    every ``interval`` seconds."""
+
+    settle: float = Field(default=30.0, ge=0)
+    interval: float = Field(default=10.0, gt=0)
+
+
 MailJobState = Literal["authorized", "closed", "not-authorized"]
 
 
@@ -371,6 +380,7 @@ class MailpipeConfig(_Model):
     """The whole configuration, validated across sections."""
 
     run: RunConfig = Field(default_factory=RunConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     simulate: SimulateConfig = Field(default_factory=SimulateConfig)

@@ -519,12 +519,15 @@ def run_pipeline(
     until: str = "report",
     progress: Progress = _noop,
     options: RunOptions | None = None,
+    run_id: str | None = None,
+    locked: bool = False,
 ) -> RunOutcome:
     """Create a run directory and run the stages up to ``until``.
 
     On a SQLite store only one run goes at a time (a second one raises
-    :class:`~pipeline.lock.LockHeld` at once). Records a crashed run left in
-    doubt are resolved before anything else.
+    :class:`~pipeline.lock.LockHeld` at once; ``locked``: the caller holds the
+    store lock already). Records a crashed run left in doubt are resolved
+    before anything else.
     """
     from pipeline.lock import RunLock, store_lock_path
 
@@ -533,11 +536,11 @@ def run_pipeline(
             raise ConfigError("INPUT", f"{path}: no such file")
     options = options or RunOptions()
     lock_path = store_lock_path(cfg.store.url)
-    lock = RunLock(lock_path) if lock_path and not options.dry_run else None
+    lock = RunLock(lock_path) if lock_path and not options.dry_run and not locked else None
     if lock is not None:
-        lock.acquire("starting")
+        lock.acquire(run_id or "starting")
     try:
-        run = start_run(cfg, jobs, inputs, out, options=options)
+        run = start_run(cfg, jobs, inputs, out, run_id=run_id, options=options)
         return _run_stages(run, cfg, until, progress)
     finally:
         if lock is not None:
