@@ -351,10 +351,11 @@ class RunConfig(_Model):
 class WatchConfig(_Model):
     """``mailpipe watch``: a file is complete once unchanged for ``settle`` seconds
     (or when its ``NAME.ready`` marker is there); the drop directory is looked at
-    every ``interval`` seconds."""
+    every ``interval`` seconds, and one run takes at most ``max_files`` files."""
 
     settle: float = Field(default=30.0, ge=0)
     interval: float = Field(default=10.0, gt=0)
+    max_files: int = Field(default=1000, ge=1)
 
 
 MailJobState = Literal["authorized", "closed", "not-authorized"]

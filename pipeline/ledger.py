@@ -168,6 +168,8 @@ class Ledger:
         claimed = np.ones(len(keys), dtype=bool)
         if not keys:
             return claimed, {}, {}
+        if self._dialect == "postgresql":
+            return self._claim_shared(job, keys, batches, resend)
         with self.store.begin() as conn:
             existing = self._lookup(conn, job, keys)
             live = self.live_runs(conn) if existing else set()
@@ -184,6 +186,83 @@ class Ledger:
                     previous[k] = e
             mine = [(k, b) for k, b, c in zip(keys, batches, claimed.tolist()) if c]
             self._write(conn, job, [(k, "pending", False, b, None) for k, b in mine])
+        return claimed, held, previous
+
+    def _claim_shared(
+        self, job: str, keys: Sequence[str], batches: Sequence[str], resend: bool
+    ) -> tuple[np.ndarray, dict[str, Entry], dict[str, Entry]]:
+        """PostgreSQL, where several runners share the ledger: new keys are claimed by
+        ``INSERT … ON CONFLICT DO NOTHING`` (exactly one runner's insert wins), known keys
+        by ``SELECT … FOR UPDATE SKIP LOCKED`` (a key another runner is claiming right now
+        is held, not waited for). Keys go in sorted order so two claims cannot deadlock."""
+        claimed = np.zeros(len(keys), dtype=bool)
+        pos = {k: i for i, k in enumerate(keys)}
+        held: dict[str, Entry] = {}
+        previous: dict[str, Entry] = {}
+        stamp = now()
+        order = sorted(pos)
+        with self.store.begin() as conn:
+            for i in range(0, len(order), _CHUNK):
+                part = order[i : i + _CHUNK]
+                rows = conn.exec_driver_sql(
+                    "INSERT INTO ledger (job, key, state, transient, run_id, batch, outcome, "
+                    "updated) SELECT %(job)s, k, 'pending', false, %(run)s, b, NULL, %(at)s "
+                    "FROM unnest(%(keys)s::text[], %(batches)s::text[]) AS t(k, b) "
+                    "ORDER BY k ON CONFLICT (job, key) DO NOTHING RETURNING key",
+                    {
+                        "job": job,
+                        "run": self.run_id,
+                        "at": stamp,
+                        "keys": part,
+                        "batches": [batches[pos[k]] for k in part],
+                    },
+                )
+                for (k,) in rows:
+                    claimed[pos[k]] = True
+            rest = [k for k in order if not claimed[pos[k]]]
+            live = self.live_runs(conn) if rest else set()
+            take: list[str] = []
+            for i in range(0, len(rest), _CHUNK):
+                part = rest[i : i + _CHUNK]
+                rows = conn.exec_driver_sql(
+                    "SELECT key, state, transient, run_id, outcome FROM ledger "
+                    "WHERE job = %(job)s AND key = ANY(%(keys)s::text[]) ORDER BY key "
+                    "FOR UPDATE SKIP LOCKED",
+                    {"job": job, "keys": part},
+                )
+                locked = set()
+                for k, state, transient, run_id, outcome in rows:
+                    locked.add(k)
+                    e = Entry(
+                        state, bool(transient), run_id, orjson.loads(outcome) if outcome else None
+                    )
+                    if run_id == self.run_id:
+                        take.append(k)
+                    elif (e.final and not resend) or (e.state == "pending" and run_id in live):
+                        held[k] = e
+                    else:
+                        previous[k] = e
+                        take.append(k)
+                for k in part:
+                    if k not in locked:  # another runner is claiming it at this moment
+                        held[k] = Entry("pending", False, "", None)
+            for i in range(0, len(take), _CHUNK):
+                part = take[i : i + _CHUNK]
+                conn.exec_driver_sql(
+                    "UPDATE ledger l SET state = 'pending', transient = false, run_id = %(run)s, "
+                    "batch = t.b, outcome = NULL, updated = %(at)s "
+                    "FROM unnest(%(keys)s::text[], %(batches)s::text[]) AS t(k, b) "
+                    "WHERE l.job = %(job)s AND l.key = t.k",
+                    {
+                        "job": job,
+                        "run": self.run_id,
+                        "at": stamp,
+                        "keys": part,
+                        "batches": [batches[pos[k]] for k in part],
+                    },
+                )
+                for k in part:
+                    claimed[pos[k]] = True
         return claimed, held, previous
 
     def finish(

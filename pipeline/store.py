@@ -168,6 +168,7 @@ class Store:
     """Open (and if needed create) the store at a SQLAlchemy URL."""
 
     def __init__(self, url: str, dry_run: bool = False) -> None:
+        url = driver_url(url)
         self.url = url
         self.dry_run = dry_run
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -178,7 +179,7 @@ class Store:
             raise ConfigError(
                 "store.url",
                 f"cannot use {_safe_url(url)!r} ({e}); write e.g. "
-                '"sqlite:///state/mailpipe.db" or "postgresql+psycopg://host/db"',
+                '"sqlite:///state/mailpipe.db" or "postgresql://user@host/db"',
             ) from None
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -186,11 +187,16 @@ class Store:
 
     def _ensure_schema(self) -> None:
         try:
-            metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # runners starting together on a new database: one creates the tables
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7170221)")
+                metadata.create_all(conn)
         except sa.exc.OperationalError as e:
             raise MailpipeError(
-                f"store {_safe_url(self.url)}: cannot open ({e.orig}); check "
-                "store.url and that the directory is writable"
+                f"store {_safe_url(self.url)}: cannot open ({_first_line(e.orig)}); check "
+                "store.url, that the server is up (PostgreSQL: the password in PGPASSWORD "
+                "or ~/.pgpass) and that the directory is writable (SQLite)"
             ) from None
         with self.engine.begin() as conn:
             row = conn.execute(
@@ -535,3 +541,15 @@ def _safe_url(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return url.split("@")[-1]
+
+
+def driver_url(url: str) -> str:
+    """``postgresql://…`` (and ``postgres://…``) go through psycopg 3."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url.removeprefix(plain)
+    return url
+
+
+def _first_line(err: object) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -269,7 +269,8 @@ class Watcher:
                 )
                 continue
             ready.append((st.st_mtime, path))
-        return [p for _, p in sorted(ready, key=lambda t: (t[0], t[1].name))]
+        ready.sort(key=lambda t: (t[0], t[1].name))
+        return [p for _, p in ready[: self.cfg.watch.max_files]]
 
     def _refuse(self, path: Path, reason: str, report: CycleReport) -> None:
         try:

@@ -311,12 +311,13 @@ def _held(rows: pa.Table, keys: list[str], claimed: np.ndarray, held: dict[str, 
             fields[name].append(value if plain else orjson.dumps(value).decode())
         fields["status"].append("ignored")
         detail = f": {answer['message']}" if answer.get("message") else ""
-        fields["message"].append(
-            f"being sent by run {e.run_id}"
-            if e.state == "pending"
-            else f"already {e.state} in run {e.run_id}{detail}"
-        )
-        fields["earlier_run"].append(e.run_id)
+        if e.state != "pending":
+            fields["message"].append(f"already {e.state} in run {e.run_id}{detail}")
+        else:  # a runner claiming it this very moment has no run id to show yet
+            fields["message"].append(
+                f"being sent by run {e.run_id}" if e.run_id else "being sent by another run"
+            )
+        fields["earlier_run"].append(e.run_id or None)
         fields["time"].append(now_iso())
         fields["_transient"].append(False)
     table = {"_rec": rows.column("_rec")}
