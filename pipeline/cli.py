@@ -98,6 +98,9 @@ def handle_errors(f: F) -> F:
         except KeyboardInterrupt:
             click.echo("mailpipe: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader of our output went away (`| head`)
+            _quiet_stdout()
+            sys.exit(EXIT_ROWS_FAILED)
         except click.exceptions.Exit:
             raise
         except click.ClickException:
@@ -114,6 +117,13 @@ def handle_errors(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _load(config_path: str, mode: str | None = None) -> MailpipeConfig:
     cfg = load_config(config_path)
     if mode:
@@ -124,10 +134,13 @@ def _load(config_path: str, mode: str | None = None) -> MailpipeConfig:
 def _finish(outcome: RunOutcome, as_json: bool) -> None:
     summary = dict(outcome.summary)
     summary["run_dir"] = str(outcome.run.path)
-    if as_json:
-        click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
-    else:
-        _print_summary(summary)
+    try:
+        if as_json:
+            click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+        else:
+            _print_summary(summary)
+    except BrokenPipeError:  # `mailpipe run | head`: the run is done all the same
+        _quiet_stdout()
     for path in outcome.failed_files:
         err = next(i["error"] for i in summary.get("inputs", []) if i["path"] == path)
         click.echo(f"mailpipe: file failed: {err}", err=True)
@@ -144,7 +157,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
         for job, c in summary.get("jobs", {}).items():
             codes = ", ".join(f"{k} {v}" for k, v in sorted(c.get("codes", {}).items()))
-            click.echo(f"  {job} ({c['target']}): {c['rows']} rows; {codes}")
+            st = c.get("status", {})
+            parts = ", ".join(
+                f"{st[s]} {s}" for s in ("completed", "failed", "ignored") if st.get(s)
+            )
+            line = f"  {job} ({c['target']}): {c['rows']} rows"
+            click.echo(line + (f" ({parts})" if parts else "") + (f"; {codes}" if codes else ""))
     click.echo(f"run directory: {summary['run_dir']}")
 
 
