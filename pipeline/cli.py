@@ -51,6 +51,15 @@ def config_option(f: F) -> F:
     )(f)
 
 
+def mode_option(f: F) -> F:
+    return click.option(
+        "--mode",
+        type=click.Choice(["simulate", "http", "smtp"]),
+        default=None,
+        help="Delivery mode, overriding [delivery] mode.",
+    )(f)
+
+
 def ledger_options(f: F) -> F:
     f = click.option(
         "--in-doubt",
@@ -191,12 +200,7 @@ def main() -> None:
     default=None,
     help="Where run directories go (default: [run] out, 'out').",
 )
-@click.option(
-    "--mode",
-    type=click.Choice(["simulate", "http", "smtp"]),
-    default=None,
-    help="Delivery mode, overriding [delivery] mode.",
-)
+@mode_option
 @click.option(
     "--until",
     type=click.Choice(list(STAGES)),
@@ -336,12 +340,7 @@ def backfill(
     metavar="SECONDS",
     help="Without --once: look again after this long (default: [watch] interval, 10).",
 )
-@click.option(
-    "--mode",
-    type=click.Choice(["simulate", "http", "smtp"]),
-    default=None,
-    help="Delivery mode, overriding [delivery] mode.",
-)
+@mode_option
 @ledger_options
 @output_options
 @click.argument("drop_dir", type=click.Path(file_okay=False))

@@ -209,16 +209,7 @@ def _deliver_chunk(
         raise
     fault("after-send")
     if got is not None:
-        picked = np.flatnonzero(claimed).tolist()
-        status = got.column("status").to_pylist()
-        ledger.finish(
-            plan.name,
-            [keys[i] for i in picked],
-            ["failed" if s == "failed" else "completed" for s in status],
-            got.column("_transient").fill_null(False).to_pylist(),
-            [batches[i] for i in picked],
-            outcome_json(got).to_pylist(),
-        )
+        _record(ledger, plan, got, keys, batches, np.flatnonzero(claimed).tolist())
     if got is not None and previous:
         got = _note_resent(got, sent, previous, keys, claimed)
     if claimed.all():
@@ -269,16 +260,28 @@ def _stopped(
         rec_pos = {r: i for i, r in enumerate(sent.rows.column("_rec").to_pylist())}
         at = [int(picked[rec_pos[r]]) for r in answered.column("_rec").to_pylist()]
         done = set(at)
-        status = answered.column("status").to_pylist()
-        ledger.finish(
-            plan.name,
-            [keys[i] for i in at],
-            ["failed" if s == "failed" else "completed" for s in status],
-            answered.column("_transient").fill_null(False).to_pylist(),
-            [batches[i] for i in at],
-            outcome_json(answered).to_pylist(),
-        )
+        _record(ledger, plan, answered, keys, batches, at)
     ledger.release(plan.name, [keys[i] for i in picked.tolist() if i not in done])
+
+
+def _record(
+    ledger: Ledger,
+    plan: JobPlan,
+    got: pa.Table,
+    keys: list[str],
+    batches: list[str],
+    at: list[int],
+) -> None:
+    """Write the answers in ``got`` (for the chunk positions ``at``) to the ledger."""
+    status = got.column("status").to_pylist()
+    ledger.finish(
+        plan.name,
+        [keys[i] for i in at],
+        ["failed" if s == "failed" else "completed" for s in status],
+        got.column("_transient").fill_null(False).to_pylist(),
+        [batches[i] for i in at],
+        outcome_json(got).to_pylist(),
+    )
 
 
 def fault(point: str) -> None:
