@@ -223,7 +223,10 @@ class Watcher:
             if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
                 continue
             path = incoming / name
-            st = os.lstat(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue  # another runner took it since the listing
             settled = now - st.st_mtime >= self.settle
             if name.endswith(MARKER):
                 if name[: -len(MARKER)] not in names and settled:
@@ -351,7 +354,7 @@ class Watcher:
     ) -> None:
         marker = path.with_name(path.name + MARKER)
         dest = self.drop.park(path, where, reason, run_id)
-        if marker.exists():
+        with contextlib.suppress(FileNotFoundError):
             os.rename(marker, dest.with_name(dest.name + MARKER))
         if where == "done":
             report.done.append(path.name)
@@ -370,11 +373,22 @@ class Watcher:
         for d in sorted(processing.iterdir()):
             if not d.is_dir() or d.is_symlink() or d.name in live:
                 continue
-            if self.shared and self.now() - d.stat().st_mtime < ABANDONED_SECONDS:
+            try:
+                age = self.now() - d.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if self.shared and age < ABANDONED_SECONDS:
                 continue  # another runner may be starting it
-            for f in sorted(d.iterdir()):
+            try:
+                files = sorted(d.iterdir())
+            except FileNotFoundError:
+                continue  # another runner gave it back first
+            for f in files:
                 dest = DropDir._free(self.drop.sub("incoming"), f.name, d.name)
-                os.rename(f, dest)
+                try:
+                    os.rename(f, dest)
+                except FileNotFoundError:
+                    continue
                 back.append(dest.name)
             with contextlib.suppress(OSError):
                 d.rmdir()
