@@ -40,6 +40,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/smtp.py
+	$(BIN)/python bench/http.py
 
 clean:
 	rm -rf out state bench/data bench/out

@@ -597,7 +597,7 @@ def config_check(config_path: str) -> None:
 
 
 # modules that keep their commands next to their feature; each has register(main)
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["pipeline.httpcli", "pipeline.smtpcli"]
 
 
 def _register_commands() -> None:

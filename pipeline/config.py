@@ -96,6 +96,9 @@ class ProfileField(_Model):
         return self
 
 
+_PLAIN_TEXT = ProfileField()  # an on-demand merge field (frozen: one instance serves all)
+
+
 def _default_problem(f: ProfileField) -> str | None:
     d = f.default
     if f.type == "number" and (isinstance(d, bool) or not isinstance(d, int)):
@@ -293,6 +296,8 @@ class JobConfig(_Model):
     subscriptions: Subscriptions | None = None
     recipient_id: str = "email"
     attrs: dict[str, str] = Field(default_factory=dict)
+    # smtp mode: the message template (a directory under delivery.smtp.templates)
+    template: str | None = None
 
     @field_validator("merge_fields")
     @classmethod
@@ -304,19 +309,43 @@ class JobConfig(_Model):
 
 
 class SmtpConfig(_Model):
+    """``smtp`` mode: the relay, how to reach it safely and how fast, and the messages.
+
+    ``rate`` is messages per second over the whole pool (0: no limit; a list's
+    ``d_speed`` may lower it). Templates live in ``templates``, one directory
+    per template; Yesmail jobs find theirs through ``template_ids``. The
+    confirmation and unsubscribe links carry tokens signed with the key in
+    the environment variable ``token_key_env``.
+    """
+
     host: str = "127.0.0.1"
     port: int = Field(default=25, ge=1, le=65535)
     security: Literal["starttls", "tls", "none"] = "starttls"
     allow_insecure: bool = False
     username_env: str | None = None
     password_env: str | None = None
+    ca_file: str | None = None
+    local_hostname: str | None = None
     timeout: float = Field(default=30.0, gt=0)
     pool_size: int = Field(default=4, ge=1, le=256)
     messages_per_connection: int = Field(default=1000, ge=1)
     rate: float = Field(default=0.0, ge=0)
+    templates: str = "configs/templates"
+    template_ids: dict[str, str] = Field(default_factory=dict)
+    confirm_url: str | None = None
+    unsubscribe_url: str | None = None
+    token_key_env: str = "MAILPIPE_TOKEN_KEY"
+    confirm_ttl_hours: float = Field(default=72.0, gt=0)
 
 
 class HttpConfig(_Model):
+    """``http`` mode and ``mailpipe lists``: endpoints, limits, and where the secrets are.
+
+    ``rate`` is requests per second (0: no limit); a Yesmail ticket is polled
+    after ``poll_interval`` seconds, doubling up to ``poll_max_interval``, for
+    at most ``ticket_timeout`` seconds.
+    """
+
     timeout: float = Field(default=30.0, gt=0)
     concurrency: int = Field(default=8, ge=1, le=512)
     rate: float = Field(default=0.0, ge=0)
@@ -324,6 +353,12 @@ class HttpConfig(_Model):
     maestro_url: str = "https://maestro.example.com"
     api_user_env: str = "YESMAIL_API_USER"
     api_key_env: str = "YESMAIL_API_KEY"
+    poll_interval: float = Field(default=1.0, gt=0)
+    poll_max_interval: float = Field(default=30.0, gt=0)
+    ticket_timeout: float = Field(default=600.0, gt=0)
+    inboxfirst_url: str = "https://inboxfirst.example.com"
+    inboxfirst_user_env: str = "INBOXFIRST_USER"
+    inboxfirst_key_env: str = "INBOXFIRST_API_KEY"
 
 
 class RetryConfig(_Model):
@@ -439,7 +474,7 @@ class JobPlan:
 
     def field_spec(self, name: str) -> ProfileField:
         """The list's definition of a field; on-demand merge fields are plain text."""
-        return self.lst.fields.get(name) or ProfileField()
+        return self.lst.fields.get(name) or _PLAIN_TEXT
 
 
 def _cross_check(cfg: MailpipeConfig) -> list[ConfigError]:
@@ -530,6 +565,8 @@ def _cross_check(cfg: MailpipeConfig) -> list[ConfigError]:
                     err(f"{key}.{opt}", f"only maestro-ondemand jobs take {opt}; remove it")
         if job.target != "yesmail-send":
             for opt in ("templateId", "transactional", "updateProfile", "subscriptions", "attrs"):
+                if opt == "transactional" and job.target == "maestro-ondemand":
+                    continue  # smtp mode: a transactional message has no List-Unsubscribe
                 if opt in job.model_fields_set:
                     err(f"{key}.{opt}", f"only yesmail-send jobs take {opt}; remove it")
         if src.flags and job.target != "maestro-ondemand":
@@ -543,6 +580,9 @@ def _cross_check(cfg: MailpipeConfig) -> list[ConfigError]:
                 f"a per-row profile object only applies to maestro-ondemand, "
                 f"but job {name!r} is {job.target}",
             )
+    from pipeline.mail.settings import smtp_problems  # smtp mode's keys, no file reads
+
+    errors += [ConfigError(key, msg) for key, msg in smtp_problems(cfg)]
     return errors
 
 
@@ -604,7 +644,10 @@ def check_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = N
         return [e.message]
     except ValidationError as e:
         return [line for _, line in _problems(e)]
-    return [p.message for p in _cross_check(cfg)]
+    problems = [p.message for p in _cross_check(cfg)]
+    from pipeline.mail.templates import template_problems  # reads the template files
+
+    return problems + [p.message for p in template_problems(cfg)]
 
 
 def _problems(e: ValidationError) -> list[tuple[str, str]]:

@@ -534,6 +534,8 @@ def run_pipeline(
     for path in inputs:
         if not Path(path).exists():
             raise ConfigError("INPUT", f"{path}: no such file")
+    if cfg.delivery.mode == "smtp" and STAGES.index(until) >= STAGES.index("deliver"):
+        _check_templates(cfg, jobs)
     options = options or RunOptions()
     lock_path = store_lock_path(cfg.store.url)
     lock = RunLock(lock_path) if lock_path and not options.dry_run and not locked else None
@@ -545,6 +547,16 @@ def run_pipeline(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_templates(cfg: MailpipeConfig, jobs: Sequence[str] | None) -> None:
+    """smtp mode: every job of the run has a usable template before anything is sent."""
+    from pipeline.mail.templates import template_problems
+
+    names = {f"jobs.{n}.template" for n in (jobs or [n for n, j in cfg.jobs.items() if j.enabled])}
+    problems = [p for p in template_problems(cfg) if p.key in names]
+    if problems:
+        raise problems[0]
 
 
 def _run_stages(run: RunDir, cfg: MailpipeConfig, until: str, progress: Progress) -> RunOutcome:

@@ -324,3 +324,18 @@ def test_demo_config_shows_every_code(in_repo: Path, tmp_path: Path) -> None:
 def test_cases_dir_exists() -> None:
     assert CASES.is_dir() and ROOT.joinpath("configs", "mailpipe.toml").is_file()
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_smtp_mode_refuses_a_job_without_a_template_before_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing template in any job of the run stops it up front (exit 2), not after
+    the earlier jobs were sent."""
+    monkeypatch.chdir(tmp_path)
+    cfg = ROOT / "configs" / "mailpipe.toml"
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "sample_data").symlink_to(ROOT / "sample_data")
+    got = CliRunner().invoke(main, ["run", "--config", str(cfg), "--mode", "smtp"])
+    assert got.exit_code == 2
+    assert "jobs.manual-confirmation.template" in got.stderr
+    assert not (tmp_path / "out").exists()  # no run started, nothing sent

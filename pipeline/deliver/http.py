@@ -1,0 +1,211 @@
+"""``http`` mode: the payloads go to the platforms' documented endpoints.
+
+:class:`HttpBackend` answers a chunk of batches like
+:class:`~pipeline.deliver.simulate.SimulateBackend` does — same outcomes, same
+response-file shapes — but from the platform's HTTP answers:
+
+* ``maestro-ondemand`` (:mod:`.http_maestro`): GET the trigger URL plus
+  ``recip=<URL-encoded JSON array>``; the body is an array in recipient order;
+* ``maestro-subscribe`` (:mod:`.http_maestro`): one ``addSubscriberExternally.do``
+  GET per subscriber;
+* ``yesmail-send`` (:mod:`.http_yesmail`): POST, poll the ticket, read the
+  async results; 400/409 bisected so only the offending recipients fail.
+
+Async lives here: the backend owns one event loop, entered once per chunk.
+Requests of a chunk run concurrently (``delivery.http.concurrency``), but a
+request that carries an address waits for every earlier request carrying the
+same address — the platforms judge an address against the state the previous
+call left, so this keeps a run's outcomes those of sending one request after
+the other (and equal to ``simulate``'s).
+
+A 401 (or a server that cannot be reached) raises
+:class:`~pipeline.errors.DeliveryStopped`: no request is started after it, the
+requests already under way are answered and their outcomes travel in the
+exception's ``partial`` table; the other recipients were not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import JobPlan, MailpipeConfig
+from pipeline.deliver.runner import Chunk
+from pipeline.deliver.simulate import outcome_table
+from pipeline.deliver.transport import Transport
+from pipeline.errors import ConfigError, DeliveryStopped
+from pipeline.payloads import builder_for
+from pipeline.retry import RetryPolicy
+from pipeline.rundir import BatchFileWriter
+
+__all__ = ["BatchAnswer", "HttpBackend", "Sender", "run_in_order", "unit_dependencies"]
+
+
+@dataclass
+class BatchAnswer:
+    """One batch's response file and its recipients' outcome columns (lists, in order).
+
+    ``answered`` lists the positions in the batch of the recipients answered when a
+    stop came in the middle of it (None: all of them).
+    """
+
+    response: bytes
+    cols: dict[str, list[Any]] = field(default_factory=dict)
+    answered: list[int] | None = None
+
+
+class Sender(Protocol):
+    """A target's client: answers every batch of a chunk (``None``: not sent, stopped)."""
+
+    async def deliver(self, chunk: Chunk) -> tuple[list[BatchAnswer | None], Exception | None]: ...
+
+
+def unit_dependencies(emails: pa.Array, unit_of_row: np.ndarray, units: int) -> list[list[int]]:
+    """For each unit (a request), the earlier units that carry one of its addresses.
+
+    Addresses match case-insensitively, as the platforms' stores do; a row is
+    tied to the previous row with its address only, which chains the rest.
+    """
+    deps: list[list[int]] = [[] for _ in range(units)]
+    if len(emails) < 2:
+        return deps
+    valid = pc.is_valid(emails).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(valid)
+    keys = pc.utf8_lower(emails.filter(pa.array(valid)))
+    codes = pc.dictionary_encode(keys).indices.to_numpy()
+    order = np.argsort(codes, kind="stable")
+    same = codes[order][1:] == codes[order][:-1]
+    later = unit_of_row[rows[order[1:][same]]]
+    earlier = unit_of_row[rows[order[:-1][same]]]
+    cross = later != earlier
+    if not cross.any():
+        return deps
+    pairs = np.unique(np.stack([later[cross], earlier[cross]], axis=1), axis=0)
+    for unit, before in pairs.tolist():
+        deps[unit].append(before)
+    return deps
+
+
+async def run_in_order(
+    deps: list[list[int]], send: Callable[[int], Awaitable[Any]]
+) -> tuple[list[Any], Exception | None]:
+    """Run ``send(k)`` for every unit, each after the units it depends on.
+
+    After a :class:`DeliveryStopped` no unit starts; the answers of those that
+    ran are returned with the stop (``None`` for the others).
+    """
+    done = [asyncio.Event() for _ in deps]
+    out: list[Any] = [None] * len(deps)
+    stop: list[Exception] = []
+
+    async def one(k: int) -> None:
+        try:
+            for d in deps[k]:
+                await done[d].wait()
+            if not stop:
+                out[k] = await send(k)
+        except DeliveryStopped as e:
+            stop.append(e)
+        except Exception as e:  # a bug: stop starting requests, raise it below
+            stop.append(e)
+            raise
+        finally:
+            done[k].set()
+
+    results = await asyncio.gather(*(one(k) for k in range(len(deps))), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, DeliveryStopped):
+            raise r
+    return out, (stop[0] if stop else None)
+
+
+class HttpBackend:
+    """Sends the batches of one job to its platform (see the module docstring)."""
+
+    def __init__(self, cfg: MailpipeConfig, plan: JobPlan) -> None:
+        from pipeline.deliver.http_maestro import OnDemandSender, SubscribeSender
+        from pipeline.deliver.http_yesmail import YesmailSender
+
+        self.cfg = cfg
+        self.plan = plan
+        self.http = cfg.delivery.http
+        self.builder = builder_for(plan)
+        self.policy = RetryPolicy.from_config(cfg.delivery.retry)
+        kinds: dict[str, Any] = {
+            "maestro-ondemand": OnDemandSender,
+            "maestro-subscribe": SubscribeSender,
+            "yesmail-send": YesmailSender,
+        }
+        self.kind = kinds[plan.target]
+        self.secrets = self.kind.secrets(self)  # checked before anything is sent
+        self.loop = asyncio.new_event_loop()
+        self.transport: Transport | None = None
+        self.sender: Sender | None = None
+
+    def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
+        return self.loop.run_until_complete(self._deliver(chunk, files))
+
+    async def _deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
+        if self.transport is None:
+            self.transport = Transport(self.http, self.policy, self.secrets)
+            self.sender = self.kind(self, self.transport)
+        assert self.sender is not None
+        answers, stop = await self.sender.deliver(chunk)
+        table = _outcomes(chunk, answers)
+        for bid, answer in zip(chunk.ids(), answers):
+            if answer is not None:
+                files.add(bid, "response", answer.response)
+        if stop is not None:
+            if isinstance(stop, DeliveryStopped):
+                stop.partial = table
+            raise stop
+        return table
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.loop.run_until_complete(self.transport.close())
+        self.loop.close()
+
+    def env(self, name: str | None, key: str) -> str:
+        """A secret from the environment, or a config error naming what to set."""
+        value = os.environ.get(name) if name else None
+        if not value:
+            raise ConfigError(
+                key,
+                f"{self.plan.target} in http mode needs the environment variable "
+                f"{name or '(unset)'}; export it (the sandbox prints it: "
+                'eval "$(mailpipe sandbox --print-env)")',
+            )
+        return value
+
+
+def _outcomes(chunk: Chunk, answers: list[BatchAnswer | None]) -> pa.Table:
+    """OUTCOME_SCHEMA rows of the answered batches, in recipient order."""
+    recs = chunk.rows.column("_rec").combine_chunks()
+    starts = chunk.starts.tolist()
+    names = {name for a in answers if a is not None for name in a.cols}
+    cols: dict[str, list[Any]] = {name: [] for name in names}
+    keep: list[np.ndarray] = []
+    for k, answer in enumerate(answers):
+        if answer is None:
+            continue
+        at = np.arange(starts[k], starts[k + 1])
+        if answer.answered is not None:
+            at = at[answer.answered]
+        size = at.size
+        keep.append(at)
+        for name in names:
+            cols[name].extend(answer.cols.get(name) or [None] * size)
+    if sum(a.size for a in keep) != len(recs):
+        recs = recs.take(pa.array(np.concatenate(keep) if keep else np.empty(0, np.int64)))
+    n = len(recs)
+    for name, values in cols.items():
+        assert len(values) == n, f"{name}: {len(values)} values for {n} recipients"
+    return outcome_table(recs, **cols)

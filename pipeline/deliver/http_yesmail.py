@@ -1,0 +1,268 @@
+"""Yesmail over HTTP: ``POST /v2/emails/send``, the ticket, the async results (``003_…``).
+
+A batch is POSTed with the ``Api-User``/``Api-Key`` headers and
+``responseRef=<batch id>``. On 202 the ticket named by ``Content-Location`` is
+polled with backoff until it is ``completed`` (or failed); its
+``response.location`` names the async results, whose ``index`` entries map
+back to the batch's recipients. A 400 or 409 on a batch of several is
+bisected, exactly as the simulate backend does, so only the offending
+recipients fail, with the server's message; a 401 stops the run.
+
+The response file holds every attempt: the recipients it carried, the status,
+``Content-Location``, the body, and for an accepted one the final ticket and
+the async results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urljoin
+
+import numpy as np
+import orjson
+
+from pipeline.deliver.http import BatchAnswer, run_in_order, unit_dependencies
+from pipeline.deliver.runner import Chunk
+from pipeline.deliver.transport import Response, Transport, json_headers, truncate
+from pipeline.errors import DeliveryError, DeliveryStopped, YesmailStatus
+from pipeline.payloads.batching import with_commas
+from pipeline.payloads.yesmail import SEND_PATH
+from pipeline.rundir import now_iso
+
+if TYPE_CHECKING:
+    from pipeline.deliver.http import HttpBackend
+
+__all__ = ["YesmailSender"]
+
+_COLUMNS = ("status", "ticket", "state", "message", "http_status", "events", "time", "_transient")
+_BISECT = (YesmailStatus.BAD_REQUEST, YesmailStatus.CONFLICT)
+
+
+class _Unfollowed(Exception):
+    """An accepted request whose ticket or results could not be read to the end."""
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", errors="replace")
+
+
+class YesmailSender:
+    """``yesmail-send``: one POST per batch (more when a 400/409 is bisected)."""
+
+    @staticmethod
+    def secrets(backend: HttpBackend) -> list[str]:
+        http = backend.http
+        backend.env(http.api_user_env, "delivery.http.api_user_env")
+        return [backend.env(http.api_key_env, "delivery.http.api_key_env")]
+
+    def __init__(self, backend: HttpBackend, transport: Transport) -> None:
+        http = backend.http
+        self.backend = backend
+        self.transport = transport
+        self.http = http
+        self.names = f"${http.api_user_env} / ${http.api_key_env}"
+        self.headers = json_headers(
+            {
+                "Api-User": backend.env(http.api_user_env, "delivery.http.api_user_env"),
+                "Api-Key": backend.env(http.api_key_env, "delivery.http.api_key_env"),
+            }
+        )
+        self.base = http.yesmail_url.rstrip("/")
+        self.head: bytes = backend.builder.body_head()  # type: ignore[attr-defined]
+
+    async def deliver(self, chunk: Chunk) -> tuple[list[BatchAnswer | None], Exception | None]:
+        rows = chunk.rows
+        n = rows.num_rows
+        commas = with_commas(self.backend.builder.items(rows))
+        offsets = np.frombuffer(commas.buffers()[1], dtype=np.int32)[
+            commas.offset : commas.offset + n + 1
+        ].tolist()
+        data = memoryview(commas.buffers()[2]) if n else memoryview(b"")
+        starts = chunk.starts.tolist()
+        ids = chunk.ids()
+        units = len(starts) - 1
+        unit_of_row = np.repeat(np.arange(units), np.diff(chunk.starts))
+        deps = unit_dependencies(rows.column("email").combine_chunks(), unit_of_row, units)
+
+        def body(lo: int, hi: int) -> bytes:
+            return self.head + data[offsets[lo] : offsets[hi] - 1].tobytes() + b"]}"
+
+        stopped: dict[int, BatchAnswer] = {}
+
+        async def send(k: int) -> BatchAnswer:
+            lo, hi = starts[k], starts[k + 1]
+            cols: dict[str, list[Any]] = {c: [None] * (hi - lo) for c in _COLUMNS}
+            attempts: list[dict[str, Any]] = []
+            try:
+                await self._send(ids[k], body, lo, lo, hi, attempts, cols, [])
+            except DeliveryStopped:
+                # what the platform accepted before the stop is an outcome: keep it
+                done = [i for i, s in enumerate(cols["status"]) if s is not None]
+                if done:
+                    response = orjson.dumps({"attempts": attempts})
+                    stopped[k] = BatchAnswer(response, cols, answered=done)
+                raise
+            return BatchAnswer(orjson.dumps({"attempts": attempts}), cols)
+
+        answers, stop = await run_in_order(deps, send)
+        for k, answer in stopped.items():
+            answers[k] = answer
+        return answers, stop
+
+    async def _send(
+        self,
+        ref: str,
+        body: Any,
+        base: int,
+        lo: int,
+        hi: int,
+        attempts: list[dict[str, Any]],
+        cols: dict[str, list[Any]],
+        inherited: list[dict[str, str]],
+    ) -> None:
+        """POST recipients ``lo..hi``; on 400/409 split them, so only the offenders fail."""
+        url = f"{self.base}{SEND_PATH}?responseRef={quote(ref, safe='')}"
+        events = list(inherited)
+        idx = list(range(lo - base, hi - base))
+        try:
+            resp = await self.transport.request(
+                "POST", url, headers=self.headers, data=body(lo, hi), events=events
+            )
+        except DeliveryStopped:
+            raise
+        except DeliveryError as e:
+            attempts.append({"recipients": idx, "status": None, "error": e.message})
+            code = e.code if isinstance(e.code, int) else None
+            # retries ran out before the platform took it: a later run may try again
+            self._fail(cols, idx, code, e.message, events, transient=True)
+            return
+        self._check_auth(resp)
+        answer = _json(resp.body)
+        attempt: dict[str, Any] = {"recipients": idx, "status": resp.status}
+        attempts.append(attempt)
+        if resp.status == YesmailStatus.ACCEPTED:
+            location = resp.headers.get("Content-Location") or (
+                f"{self.base}/v2/tickets/{answer.get('id')}" if isinstance(answer, dict) else ""
+            )
+            attempt["headers"] = {"Content-Location": location}
+            attempt["body"] = answer
+            try:
+                ticket, results = await self._follow(location, events)
+            except _Unfollowed as e:
+                self._fail(cols, idx, int(resp.status), str(e), events)
+                return
+            except DeliveryStopped as e:  # accepted, so sent: record it before stopping
+                note = f"accepted, but the run stopped before its ticket completed: {e.message}"
+                self._fail(cols, idx, int(resp.status), note, events)
+                raise
+            attempt["ticket"] = ticket
+            attempt["asyncResults"] = results
+            self._accepted(cols, idx, ticket, results, events)
+            return
+        attempt["body"] = answer
+        if resp.status in _BISECT and len(idx) > 1:
+            half = len(idx) // 2
+            await self._send(ref, body, base, lo, lo + half, attempts, cols, events)
+            await self._send(ref, body, base, lo + half, hi, attempts, cols, events)
+            return
+        message = answer.get("message") if isinstance(answer, dict) else truncate(resp.body)
+        self._fail(cols, idx, resp.status, message, events)
+
+    def _check_auth(self, resp: Response) -> None:
+        if resp.status == YesmailStatus.UNAUTHORIZED:
+            raise DeliveryStopped(
+                f"yesmail-send: HTTP 401 Unauthorized from {self.base}: check Api-User/Api-Key "
+                f"({self.names})",
+                code=401,
+            )
+
+    async def _get(self, url: str, events: list[dict[str, str]], what: str) -> Any:
+        try:
+            resp = await self.transport.request("GET", url, headers=self.headers, events=events)
+        except DeliveryStopped:
+            raise
+        except DeliveryError as e:
+            raise _Unfollowed(f"accepted, but reading the {what} failed: {e.message}") from None
+        self._check_auth(resp)
+        data = _json(resp.body)
+        if resp.status != 200 or not isinstance(data, dict):
+            raise _Unfollowed(
+                f"accepted, but GET {url} answered HTTP {resp.status}: {truncate(resp.body)}"
+            )
+        return data
+
+    async def _follow(
+        self, location: str, events: list[dict[str, str]]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Poll the ticket until it is completed or failed; then read its async results."""
+        url = urljoin(self.base + "/", location)
+        delay = self.http.poll_interval
+        deadline = time.monotonic() + self.http.ticket_timeout
+        while True:
+            await asyncio.sleep(delay)
+            ticket = await self._get(url, events, "ticket")
+            state = ticket.get("state")
+            if state in ("completed", "failed"):
+                break
+            if time.monotonic() >= deadline:
+                raise _Unfollowed(
+                    f"accepted, but ticket {ticket.get('id')} was still {state!r} after "
+                    f"{self.http.ticket_timeout:g} s (delivery.http.ticket_timeout)"
+                )
+            delay = min(delay * 2, self.http.poll_max_interval)
+        where = (ticket.get("response") or {}).get("location")
+        if state != "completed" or not where:
+            return ticket, None
+        return ticket, await self._get(urljoin(self.base + "/", where), events, "async results")
+
+    @staticmethod
+    def _accepted(
+        cols: dict[str, list[Any]],
+        idx: list[int],
+        ticket: dict[str, Any],
+        results: dict[str, Any] | None,
+        events: list[dict[str, str]],
+    ) -> None:
+        state = ticket.get("state")
+        default = "completed" if state == "completed" and results is None else "failed"
+        status = {i: default for i in range(len(idx))}
+        for category in ("completed", "failed", "ignored"):
+            for entry in (results or {}).get(category) or []:
+                if isinstance(entry, dict) and entry.get("index") in status:
+                    status[entry["index"]] = category
+        ev = orjson.dumps(events + list(ticket.get("events") or [])).decode()
+        for pos, i in enumerate(idx):
+            cols["status"][i] = status[pos]
+            cols["ticket"][i] = ticket.get("id")
+            cols["state"][i] = state
+            cols["message"][i] = ticket.get("message")
+            cols["http_status"][i] = int(YesmailStatus.ACCEPTED)
+            cols["events"][i] = ev
+            cols["time"][i] = ticket.get("lastUpdate")
+            cols["_transient"][i] = False
+
+    @staticmethod
+    def _fail(
+        cols: dict[str, list[Any]],
+        idx: list[int],
+        status: int | None,
+        message: Any,
+        events: list[dict[str, str]],
+        transient: bool = False,
+    ) -> None:
+        ev = orjson.dumps(events).decode() if events else None
+        now = now_iso()
+        for i in idx:
+            cols["status"][i] = "failed"
+            cols["http_status"][i] = status
+            cols["message"][i] = (
+                message if isinstance(message, str) or message is None else str(message)
+            )
+            cols["events"][i] = ev
+            cols["time"][i] = now
+            cols["_transient"][i] = transient

@@ -1,0 +1,197 @@
+"""HTTP requests for the ``http`` backend: one aiohttp session, a concurrency cap, a rate
+limit, and retries of what is transient.
+
+Every request goes through :meth:`Transport.request`: it waits for a free slot
+(``delivery.http.concurrency``) and for the rate limiter
+(``delivery.http.rate`` requests a second), and retries 429, 5xx, timeouts and
+dropped connections with :class:`~pipeline.retry.RetryPolicy` (honouring
+``Retry-After``), recording each retry as a ``retrying`` ticket event. Any
+other status comes back to the caller, who knows what it means for its
+platform. A server that cannot be connected to at all after every retry
+raises :class:`~pipeline.errors.DeliveryStopped`: nothing was delivered, so
+the run stops rather than failing every row.
+
+Messages name the URL as shown (``shown``: the security token as ``***``) and
+are passed through :meth:`Transport.redact`, so no secret reaches a log, an
+event or a result file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from pipeline.config import HttpConfig
+from pipeline.errors import DeliveryError, DeliveryStopped
+from pipeline.payloads.base import REDACTED
+from pipeline.retry import RetryPolicy, retrying_event
+from pipeline.rundir import now_iso
+
+__all__ = ["Response", "Transport", "truncate"]
+
+BODY_IN_MESSAGE = 500  # bytes of an unexpected body quoted in a message
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class _Retry(DeliveryError):
+    """A transient answer or failure, carrying the server's Retry-After hint."""
+
+    def __init__(self, message: str, *, code: int | str | None, retry_after: float | None) -> None:
+        super().__init__(message, code=code, transient=True)
+        self.retry_after = retry_after
+        self.response: Response | None = None
+
+
+def truncate(body: bytes, limit: int = BODY_IN_MESSAGE) -> str:
+    text = body[:limit].decode("utf-8", errors="replace")
+    return text + ("…" if len(body) > limit else "")
+
+
+def retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class _RateLimiter:
+    """At most ``rate`` request starts a second, evenly spaced (0: unlimited)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+class Transport:
+    """One aiohttp session with the settings of ``[delivery.http]``; create it in a running loop."""
+
+    def __init__(
+        self, cfg: HttpConfig, policy: RetryPolicy, secrets: Iterable[str | None] = ()
+    ) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.secrets = [s for s in secrets if s]
+        self.slots = asyncio.Semaphore(cfg.concurrency)
+        self.limiter = _RateLimiter(cfg.rate)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.concurrency),
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout),
+            skip_auto_headers=("User-Agent",),
+            headers={"User-Agent": "mailpipe"},
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        shown: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        events: list[dict[str, str]] | None = None,
+    ) -> Response:
+        """Send with retries; every final answer but a transient one is returned as it is.
+
+        ``url`` is already percent-encoded (sent as it is); ``shown`` is how
+        messages name it. Each retry appends a ``retrying`` event to ``events``.
+        After the last attempt a transient failure raises
+        :class:`~pipeline.errors.DeliveryError` (``transient``), or
+        :class:`~pipeline.errors.DeliveryStopped` when no connection could be made.
+        """
+        target = URL(url, encoded=True)
+        name = f"{method} {self.redact(shown or url)}"
+
+        def on_retry(attempt: int, exc: BaseException) -> None:
+            if events is not None:
+                events.append(retrying_event(self.redact(str(exc)), now_iso()))
+
+        async def attempt() -> Response:
+            async with self.slots:
+                await self.limiter.wait()
+                try:
+                    async with self.session.request(
+                        method, target, headers=headers, data=data, allow_redirects=False
+                    ) as resp:
+                        body = await resp.read()
+                        answer = Response(resp.status, resp.headers, body)
+                except aiohttp.ClientConnectorError as e:
+                    raise _Retry(
+                        f"cannot connect for {name} ({type(e).__name__}: {e.os_error})",
+                        code="connect",
+                        retry_after=None,
+                    ) from None
+                except TimeoutError:
+                    raise _Retry(
+                        f"no answer to {name} within {self.cfg.timeout:g} s",
+                        code="timeout",
+                        retry_after=None,
+                    ) from None
+                except (aiohttp.ClientError, ConnectionError) as e:
+                    raise _Retry(
+                        f"{type(e).__name__} during {name}", code="connection", retry_after=None
+                    ) from None
+            if answer.status == 429 or answer.status >= 500:
+                err = _Retry(
+                    f"HTTP {answer.status} from {name}",
+                    code=answer.status,
+                    retry_after=retry_after(answer.headers.get("Retry-After")),
+                )
+                err.response = answer
+                raise err
+            return answer
+
+        try:
+            return await self.policy.acall(attempt, on_retry)
+        except _Retry as e:
+            tries = self.policy.attempts
+            if e.code == "connect":
+                raise DeliveryStopped(
+                    self.redact(f"{e.message} after {tries} attempts; is the server running?"),
+                    code="connect",
+                    transient=True,
+                ) from None
+            message = f"{e.message} after {tries} attempts"
+            if e.response is not None and e.response.body:
+                message += f": {truncate(e.response.body)}"
+            raise DeliveryError(self.redact(message), code=e.code, transient=True) from None
+
+
+def json_headers(extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {"Content-Type": "application/json", "Accept": "application/json", **(extra or {})}

@@ -1,0 +1,68 @@
+"""Percent-encoding at array speed, byte for byte what :func:`.base.url_quote` does.
+
+A ``recip`` parameter of 8,000 bytes goes through ``urllib.parse.quote`` one
+byte at a time in Python (about half a millisecond); thousands of trigger URLs
+a second need the same result from one table lookup and a few array
+operations. Unreserved bytes (``A-Z a-z 0-9 _ . ~ -``) stay, every other byte
+becomes ``%XX`` with upper-case hex digits — UTF-8 bytes one by one, as
+``quote(text, safe="")`` does.
+
+    >>> percent_encode('{"email":"first.last@example.com"}'.encode())
+    b'%7B%22email%22%3A%22first.last%40example.com%22%7D'
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.payloads.base import _KEEP
+
+__all__ = ["percent_encode", "percent_encode_parts"]
+
+_HEX = np.frombuffer(b"0123456789ABCDEF", dtype=np.uint8)
+_PERCENT = ord("%")
+
+
+def percent_encode(raw: bytes) -> bytes:
+    """``raw`` (UTF-8 text) percent-encoded as a query value."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    escape = ~_KEEP[data]
+    if not escape.any():
+        return raw
+    width = np.where(escape, 3, 1)
+    ends = np.cumsum(width)
+    starts = ends - width
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    keep = ~escape
+    out[starts[keep]] = data[keep]
+    at = starts[escape]
+    byte = data[escape]
+    out[at] = _PERCENT
+    out[at + 1] = _HEX[byte >> 4]
+    out[at + 2] = _HEX[byte & 15]
+    return out.tobytes()
+
+
+def percent_encode_parts(raw: bytes, cuts: list[int]) -> tuple[bytes, list[int]]:
+    """``raw`` encoded in one pass, and where each byte offset of ``cuts`` lands in it.
+
+    Encoding a run of batches at once costs a fraction of encoding each alone;
+    ``encoded[at[i]:at[j]]`` is then ``percent_encode(raw[cuts[i]:cuts[j]])``.
+    """
+    data = np.frombuffer(raw, dtype=np.uint8)
+    escape = ~_KEEP[data]
+    width = np.where(escape, 3, 1)
+    ends = np.cumsum(width)
+    at = np.concatenate(([0], ends))[np.asarray(cuts, dtype=np.int64)].tolist()
+    if not escape.any():
+        return raw, at
+    starts = ends - width
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    keep = ~escape
+    out[starts[keep]] = data[keep]
+    pos = starts[escape]
+    byte = data[escape]
+    out[pos] = _PERCENT
+    out[pos + 1] = _HEX[byte >> 4]
+    out[pos + 2] = _HEX[byte & 15]
+    return out.tobytes(), at

@@ -1,0 +1,664 @@
+"""HTTP delivery against the sandbox on loopback: the same results as simulate, retries,
+bisection, the 401 stop, and the seeds' own subscribe URL. No mocks: a real sandbox
+(aiohttp, port 0) answers from a real store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+from conftest import ROOT
+from rundir_contract import check_run_dir
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.sandbox.server import SandboxOptions, running_sandbox
+
+CONFIG = """
+[run]
+out = "{out}"
+
+[store]
+url = "sqlite:///{store}"
+
+[delivery.retry]
+attempts = 12
+base_delay = 0.001
+max_delay = 0.01
+
+[delivery.http]
+poll_interval = 0.002
+poll_max_interval = 0.01
+concurrency = {concurrency}
+
+[simulate]
+mail_jobs = {{ confirm = "authorized" }}
+
+[lists.shop]
+name = "Shop"
+d_from_email = "shop@example.com"
+mContainer = "2"
+mOwner = "N10"
+mListId = "HL#12"
+group = "G"
+
+[lists.shop.fields.FIRST_NAME]
+type = "text"
+mandatory = true
+
+[lists.shop.fields.CUSTOMER_NO]
+type = "text"
+
+[sources.orders]
+kind = "orders"
+path = "{data}/orders*.csv"
+email = "email"
+record_id = "order_id"
+
+[sources.orders.flags]
+ifNotExistsAddAndSend = "add"
+
+[sources.orders.fields]
+FIRST_NAME = "first_name"
+CUSTOMER_NO = "customer_no"
+
+[sources.plain-orders]
+kind = "orders"
+path = "{data}/orders*.csv"
+email = "email"
+record_id = "order_id"
+
+[sources.plain-orders.fields]
+FIRST_NAME = "first_name"
+CUSTOMER_NO = "customer_no"
+
+[sources.signups]
+kind = "signups"
+path = "{data}/signups*.csv"
+email = "email"
+password = "password"
+
+[sources.signups.fields]
+FIRST_NAME = "first_name"
+
+[jobs.confirm]
+source = "orders"
+target = "maestro-ondemand"
+list = "shop"
+trigger_url = "https://maestro.example.com/trigger/confirm?token={{token}}"
+token_env = "TEST_CONFIRM_TOKEN"
+ifExistsForceSending = true
+batch_size = 3
+
+[jobs.signup]
+source = "signups"
+target = "maestro-subscribe"
+list = "shop"
+subscribe_url = "https://maestro.example.com"
+batch_size = 4
+
+[jobs.followup]
+source = "plain-orders"
+target = "yesmail-send"
+list = "shop"
+fields = ["FIRST_NAME", "CUSTOMER_NO"]
+recipient_id = "CUSTOMER_NO"
+templateId = "1465362"
+transactional = false
+subscriptions = {{ isMemberOf = ["Shop News"] }}
+batch_size = 5
+"""
+
+# orders: the same address in several batches with different flags (order matters),
+# existing subscribers, a suppressed one, a missing mandatory field, a subscriber who is
+# not in "Shop News" (Yesmail 409) and a new one without customer number (400)
+ORDERS = (
+    "order_id,email,first_name,customer_no,add\n"
+    "1,ann@example.com,Ann,C1,false\n"
+    "2,bob@example.com,Bob,C2,true\n"
+    "3,kim@example.com,Kim,C9,false\n"
+    "4,ann@example.com,Ann,C1,true\n"
+    "5,dee@example.com,,C4,true\n"
+    "6,eve@example.com,Eve,C5,true\n"
+    "7,kim@example.com,Kim,C9,true\n"
+    "8,sup@example.com,Sup,C6,true\n"
+    "9,fay@example.com,Fay,,true\n"
+    "10,gus@example.com,Gus,C7,true\n"
+    "11,hal@example.com,Hal,C8,true\n"
+    "12,kim@example.com,Kim,C9,false\n"
+    "13,new@example.com,New,,true\n"
+)
+SIGNUPS = (
+    "email,first_name,password\n"
+    "new.one@example.com,New,pw-one-secret\n"
+    "bob@example.com,Bob,pw-bob-secret\n"
+    "first.last@example.com,,pw-first\n"
+    "new.one@example.com,New,pw-one-secret\n"
+    "zed@example.com,Zed,pw-zed\n"
+)
+SUBSCRIBERS = (
+    "email,list,state,subscriptions,FIRST_NAME\n"
+    "bob@example.com,shop,subscribed,Shop News,Bob\n"
+    "cy@example.com,shop,subscribed,Shop News,Cy\n"
+    "ann@example.com,shop,unsubscribed,Shop News,Ann\n"
+    "eve@example.com,shop,subscribed,Shop News,Eve\n"
+    "sup@example.com,shop,subscribed,Shop News,Sup\n"
+    "fay@example.com,shop,subscribed,Shop News,Fay\n"
+    "gus@example.com,shop,subscribed,,Gus\n"
+    "hal@example.com,shop,subscribed,Shop News,Hal\n"
+    "dee@example.com,shop,subscribed,Shop News,\n"
+)
+SUPPRESSION = "email,reason,added_at\nsup@example.com,complaint,2026-01-01T00:00:00Z\n"
+
+
+def cli(args: list[str], env: dict[str, str] | None = None, **kw: Any) -> Any:
+    return CliRunner().invoke(main, args, env=env, catch_exceptions=False, **kw)
+
+
+def last_run(out: Path) -> Path:
+    return sorted(p for p in out.iterdir() if p.is_dir())[-1]
+
+
+class Setup:
+    """A config, its inputs, and one seeded store copied for each side of a comparison."""
+
+    def __init__(self, tmp: Path, concurrency: int = 8) -> None:
+        self.tmp = tmp
+        data = tmp / "data"
+        data.mkdir()
+        (data / "orders.csv").write_text(ORDERS)
+        (data / "signups.csv").write_text(SIGNUPS)
+        self.template = CONFIG.replace("{data}", str(data)).replace(
+            "{concurrency}", str(concurrency)
+        )
+        seed = self.config("seed")
+        (tmp / "subscribers.csv").write_text(SUBSCRIBERS)
+        (tmp / "suppression.csv").write_text(SUPPRESSION)
+        for what, path in (("subscribers", "subscribers.csv"), ("suppression", "suppression.csv")):
+            done = cli([what, "import", "--config", seed, str(tmp / path)])
+            assert done.exit_code == 0, done.output
+
+    def config(self, name: str) -> str:
+        """A config whose store starts as a copy of the seeded one, and its own out dir."""
+        path = self.tmp / f"{name}.toml"
+        store = self.tmp / f"{name}.db"
+        if name != "seed" and not store.exists():
+            # the backup API: a plain file copy would miss what is still in the WAL
+            with sqlite3.connect(self.tmp / "seed.db") as src, sqlite3.connect(store) as dst:
+                src.backup(dst)
+        path.write_text(self.template.format(out=self.tmp / f"out-{name}", store=store))
+        return str(path)
+
+    def out(self, name: str) -> Path:
+        return self.tmp / f"out-{name}"
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    return Setup(tmp_path)
+
+
+@pytest.fixture
+def sandbox(setup: Setup) -> Iterator[Any]:
+    with running_sandbox(load_config(setup.config("sandbox"), env={})) as box:
+        yield box
+
+
+def env_of(box: Any, setup: Setup, **extra: str) -> dict[str, str]:
+    return {**dict(box.env()), **extra}
+
+
+def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Results without what differs between runs: times, ticket ids, event times."""
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k not in ("time", "ticket")}
+        if r["events"]:
+            r["events"] = [(e["state"], e["message"]) for e in r["events"]]
+        out.append(r)
+    return out
+
+
+def test_http_run_gives_the_simulate_results(setup: Setup, sandbox: Any) -> None:
+    env = env_of(sandbox, setup)
+    sim = cli(["run", "--config", setup.config("sim"), "--mode", "simulate"], env=env)
+    http = cli(["run", "--config", setup.config("client"), "--mode", "http"], env=env)
+    assert sim.exit_code == http.exit_code == 1, http.output  # some rows fail on purpose
+    sim_rows = check_run_dir(last_run(setup.out("sim")))
+    http_rows = check_run_dir(last_run(setup.out("client")))
+    assert comparable(http_rows) == comparable(sim_rows)
+    # the cases really happened, each in its documented vocabulary
+    by = {(r["job"], r["line"]): r for r in http_rows}
+    assert by[("confirm", 2)]["result"] == "ADDRESS_NOT_FOUND"  # ann, no add flag
+    assert by[("confirm", 5)]["result"] == "ADDRESS_REJECTED_BY_LIST_PROTECTION"  # unsubscribed
+    assert by[("confirm", 9)]["result"] == "ADDRESS_REJECTED_BY_SUPPRESSION_LIST"
+    # kim: unknown and not to be added, then added, then known: order decides
+    assert [by[("confirm", line)]["result"] for line in (4, 8, 13)] == [
+        "ADDRESS_NOT_FOUND",
+        "SUCCESS",
+        "SUCCESS",
+    ]
+    assert by[("signup", 3)]["reason"]["type"] == "ALREADY_SUBSCRIBED"
+    assert by[("signup", 4)]["reason"]["type"] == "PROFILE_VALIDATION_ERROR"
+    assert {r["http_status"] for r in http_rows if r["job"] == "followup"} == {202, 400, 409}
+    assert sandbox.requests["trigger"] == 5  # 13 orders, 3 a batch
+    assert sandbox.requests["subscribe"] == 5  # one call per signup
+    assert sandbox.requests["ticket"] >= 1 and sandbox.requests["async_results"] >= 1
+    # the response files are the platforms' bodies, the same in both modes
+    for name in ("maestro-ondemand-0001", "maestro-subscribe-0001"):
+        files = [
+            last_run(setup.out(side)) / "batches" / f"{name}.response.json"
+            for side in ("sim", "client")
+        ]
+        assert orjson.loads(files[0].read_bytes()) == orjson.loads(files[1].read_bytes())
+
+
+def test_only_the_offending_recipients_fail_on_400_and_409(setup: Setup, sandbox: Any) -> None:
+    result = cli(
+        ["run", "--config", setup.config("client"), "--mode", "http", "--job", "followup"],
+        env=env_of(sandbox, setup),
+    )
+    assert result.exit_code == 1
+    rows = check_run_dir(last_run(setup.out("client")))
+    failed = {r["email"]: r for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"new@example.com", "gus@example.com", "kim@example.com"}
+    assert failed["new@example.com"]["http_status"] == 400
+    assert failed["new@example.com"]["message"] == "A new subscriber requires both id and email"
+    for email in ("gus@example.com", "kim@example.com"):  # not members of Shop News
+        assert failed[email]["http_status"] == 409
+        assert failed[email]["message"] == "Subscriber must be a memberOf one of '[Shop News]'."
+    others = [r for r in rows if r["email"] not in failed]
+    assert others and all(r["status"] == "completed" and r["http_status"] == 202 for r in others)
+    assert all(r["state"] == "completed" for r in others)
+    # batches of several were split: more requests than batches, all with the batch as ref
+    attempts = [
+        a
+        for f in (last_run(setup.out("client")) / "batches").glob("yesmail-send-*.response.json")
+        for a in orjson.loads(f.read_bytes())["attempts"]
+    ]
+    assert sandbox.requests["send"] == len(attempts) > 3
+    states = [e["state"] for e in others[0]["events"]]
+    assert states == ["accepted", "processing", "completed"]
+
+
+def test_transient_failures_are_retried_and_recorded(setup: Setup) -> None:
+    cfg = load_config(setup.config("sandbox"), env={})
+    options = SandboxOptions(fail_rate=0.3, fail_status=503, seed=7)
+    with running_sandbox(cfg, options) as box:
+        result = cli(
+            [
+                "run",
+                "--config",
+                setup.config("client"),
+                "--mode",
+                "http",
+                "--job",
+                "confirm",
+                "--job",
+                "followup",
+            ],
+            env=env_of(box, setup),
+        )
+        injected = box.requests["injected-failure"]
+    assert result.exit_code == 1
+    rows = check_run_dir(last_run(setup.out("client")))
+    assert injected > 0
+    # the only failures are the documented answers, never a 503
+    assert all(r["http_status"] != 503 for r in rows)
+    sent = [r for r in rows if r["batch"]]
+    retried = [
+        r for r in sent if r["events"] and any(e["state"] == "retrying" for e in r["events"])
+    ]
+    assert retried
+    for r in retried:
+        reasons = [e["message"] for e in r["events"] if e["state"] == "retrying"]
+        assert all("HTTP 503" in m for m in reasons)
+    # the same outcomes as without failures
+    sim = cli(
+        [
+            "run",
+            "--config",
+            setup.config("sim"),
+            "--mode",
+            "simulate",
+            "--job",
+            "confirm",
+            "--job",
+            "followup",
+        ],
+        env=env_of(box, setup),
+    )
+    assert sim.exit_code == 1
+    plain = [
+        {k: v for k, v in r.items() if k not in ("events", "time", "ticket")}
+        for r in check_run_dir(last_run(setup.out("sim")))
+    ]
+    assert [
+        {k: v for k, v in r.items() if k not in ("events", "time", "ticket")} for r in rows
+    ] == plain
+
+
+def test_every_row_completes_under_a_30_percent_503_rate(tmp_path: Path) -> None:
+    """The issue's proof: --fail-rate 0.3 --fail-status 503, every row still completed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(f"{i},user{i}@example.com,User{i},C{i},true\n" for i in range(60))
+    (data / "orders.csv").write_text("order_id,email,first_name,customer_no,add\n" + rows)
+    (data / "signups.csv").write_text("email,first_name,password\n")
+    cfg_text = CONFIG.replace("{data}", str(data)).replace("{concurrency}", "8")
+    cfg_text = cfg_text.replace('subscriptions = { isMemberOf = ["Shop News"] }', "")
+    cfg_text = cfg_text.replace("transactional = false", "transactional = true")
+    for name in ("sandbox", "client"):
+        (tmp_path / f"{name}.toml").write_text(
+            cfg_text.format(out=tmp_path / f"out-{name}", store=tmp_path / f"{name}.db")
+        )
+    box_cfg = load_config(tmp_path / "sandbox.toml", env={})
+    with running_sandbox(box_cfg, SandboxOptions(fail_rate=0.3, fail_status=503, seed=3)) as box:
+        result = cli(
+            [
+                "run",
+                "--config",
+                str(tmp_path / "client.toml"),
+                "--mode",
+                "http",
+                "--job",
+                "confirm",
+                "--job",
+                "followup",
+            ],
+            env=dict(box.env()),
+        )
+    assert result.exit_code == 0, result.output
+    out = check_run_dir(last_run(tmp_path / "out-client"))
+    assert len(out) == 120 and all(r["status"] == "completed" for r in out)
+    assert any(e["state"] == "retrying" for r in out for e in (r["events"] or []))
+
+
+def test_401_stops_the_run_and_fails_nothing(setup: Setup, sandbox: Any) -> None:
+    env = env_of(
+        sandbox, setup, YESMAIL_API_KEY="not-the-key", MAILPIPE_DELIVERY_HTTP_CONCURRENCY="1"
+    )
+    result = cli(
+        ["run", "--config", setup.config("client"), "--mode", "http", "--job", "followup"], env=env
+    )
+    assert result.exit_code == 2
+    assert "check Api-User/Api-Key" in result.stderr
+    assert "not-the-key" not in result.output + result.stderr
+    assert sandbox.requests["send"] == 1  # nothing was sent after the 401
+    run = last_run(setup.out("client"))
+    assert not (run / "results.jsonl").exists()
+    manifest = orjson.loads((run / "manifest.json").read_bytes())
+    assert manifest["stages"]["deliver"]["state"] == "failed"
+    with sqlite3.connect(setup.tmp / "client.db") as db:
+        states = {s for (s,) in db.execute("SELECT state FROM ledger WHERE job = 'followup'")}
+    assert "failed" not in states and "completed" not in states
+
+
+def test_a_refused_security_token_stops_the_run(setup: Setup, sandbox: Any) -> None:
+    env = env_of(sandbox, setup, TEST_CONFIRM_TOKEN="wrong-token")
+    result = cli(
+        ["run", "--config", setup.config("client"), "--mode", "http", "--job", "confirm"], env=env
+    )
+    assert result.exit_code == 2
+    assert "security token" in result.stderr and "$TEST_CONFIRM_TOKEN" in result.stderr
+    assert "wrong-token" not in result.stderr
+
+
+def test_an_undocumented_body_fails_the_batch_with_internal_error(setup: Setup) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Maintenance until 6pm</html>", content_type="text/html")
+
+    with _serve(handler) as url:
+        env = {
+            "MAILPIPE_JOBS_CONFIRM_TRIGGER_URL": f"{url}/x?token={{token}}",
+            "TEST_CONFIRM_TOKEN": "t0ken",
+        }
+        result = cli(
+            ["run", "--config", setup.config("client"), "--mode", "http", "--job", "confirm"],
+            env=env,
+        )
+    assert result.exit_code == 1
+    rows = check_run_dir(last_run(setup.out("client")))
+    sent = [r for r in rows if r["batch"]]
+    assert sent and all(r["result"] == "INTERNAL_ERROR" for r in sent)
+    assert all(r["error"] == "Internal execution error" for r in sent)
+    assert all("Maintenance until 6pm" in r["message"] for r in sent)
+    response = orjson.loads(
+        (
+            last_run(setup.out("client")) / "batches" / "maestro-ondemand-0001.response.json"
+        ).read_bytes()
+    )
+    assert response == {"status": 200, "body": "<html>Maintenance until 6pm</html>"}
+
+
+class _serve:
+    """A foreign HTTP server (not ours) on port 0, for answers the sandbox never gives."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+
+    def __enter__(self) -> str:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handler)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        port = self.runner.addresses[0][1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.run_until_complete(self.runner.cleanup())
+        self.loop.close()
+
+
+def test_secrets_never_reach_a_written_file(setup: Setup, sandbox: Any) -> None:
+    env = env_of(sandbox, setup)
+    result = cli(
+        ["run", "--config", setup.config("client"), "--mode", "http", "--log-json"], env=env
+    )
+    assert result.exit_code == 1
+    run = last_run(setup.out("client"))
+    keys = [sandbox.creds.token("confirm"), sandbox.creds.api_key]
+    passwords = ["pw-one-secret", "pw-bob-secret"]  # sent in mSubscriber, never written back
+    for path in [*run.rglob("*"), setup.tmp / "client.toml"]:
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        # the stage files keep the input rows as read (passwords included): not HTTP's to judge
+        written = keys if "stages" in path.parts else keys + passwords
+        for secret in written:
+            assert secret.encode() not in data, f"{secret[:4]}… in {path}"
+    for secret in keys + passwords:
+        assert secret not in result.output + result.stderr
+    request = orjson.loads((run / "batches" / "maestro-ondemand-0001.request.json").read_bytes())
+    assert request["url"].endswith("/trigger/confirm?token=***")
+
+
+def test_the_seeds_subscribe_url_is_answered_success(tmp_path: Path) -> None:
+    """`mailpipe sandbox --config configs/mailpipe.toml` as shipped, fetched with urllib."""
+    env = {**os.environ, "MAILPIPE_STORE_URL": f"sqlite:///{tmp_path}/sandbox.db"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "sandbox",
+            "--config",
+            "configs/mailpipe.toml",
+            "--port",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("export MAILPIPE_DELIVERY_HTTP_YESMAIL_URL="), first
+        base = first.strip().split("=", 1)[1]
+        url = (
+            f"{base}/list/action/addSubscriberExternally.do?mContainer=2&mOwner=N10"
+            "&mListId=HL%2312&mSubscriber=%7B%22email%22%3A%22first.last%40example.com%22%7D"
+        )
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200
+            assert orjson.loads(resp.read()) == {"result": "SUCCESS"}
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+
+
+def test_print_env_matches_the_running_sandbox(setup: Setup) -> None:
+    cfg_path = setup.config("sandbox")
+    printed = cli(["sandbox", "--config", cfg_path, "--port", "8025", "--print-env"])
+    assert printed.exit_code == 0
+    again = cli(["sandbox", "--config", cfg_path, "--port", "8025", "--print-env"])
+    assert again.stdout == printed.stdout  # stable for a config and store
+    lines = dict(
+        line.removeprefix("export ").split("=", 1) for line in printed.stdout.split("\n") if line
+    )
+    with running_sandbox(load_config(cfg_path, env={})) as box:
+        live = dict(box.env("http://127.0.0.1:8025"))
+    import shlex
+
+    assert {k: shlex.split(v)[0] for k, v in lines.items()} == live
+    assert live["MAILPIPE_JOBS_CONFIRM_TRIGGER_URL"] == (
+        "http://127.0.0.1:8025/trigger/confirm?token={token}"
+    )
+    assert live["TEST_CONFIRM_TOKEN"] and live["YESMAIL_API_KEY"] and live["INBOXFIRST_API_KEY"]
+
+
+def test_the_sandbox_holds_200_concurrent_connections(setup: Setup) -> None:
+    cfg = load_config(setup.config("sandbox"), env={})
+    with running_sandbox(cfg, SandboxOptions(latency=0.3)) as box:
+
+        async def hammer() -> tuple[list[int], float]:
+            loop = asyncio.get_running_loop()
+            conn = aiohttp.TCPConnector(limit=0, force_close=True)
+            async with aiohttp.ClientSession(connector=conn) as session:
+
+                async def one(i: int) -> int:
+                    sub = orjson.dumps(
+                        {"email": f"c{i}@example.com", "profile": {"FIRST_NAME": "C"}}
+                    ).decode()
+                    url = (
+                        f"{box.base}/list/action/addSubscriberExternally.do?mContainer=2"
+                        f"&mOwner=N10&mListId=HL%2312&mSubscriber={_quote(sub)}"
+                    )
+                    async with session.get(url) as resp:
+                        body = await resp.json()
+                        return resp.status if body == {"result": "SUCCESS"} else -1
+
+                t0 = loop.time()
+                statuses = await asyncio.gather(*(one(i) for i in range(200)))
+                return statuses, loop.time() - t0
+
+        statuses, seconds = asyncio.run(hammer())
+    assert statuses == [200] * 200
+    # every request waited 0.3 s inside the server: they were open at the same time
+    assert seconds < 0.3 * 10
+
+
+def _quote(text: str) -> str:
+    from pipeline.payloads.base import url_quote
+
+    return url_quote(text)
+
+
+def test_a_job_without_its_token_in_the_environment_is_a_config_error(setup: Setup) -> None:
+    env = {"MAILPIPE_JOBS_CONFIRM_TRIGGER_URL": "http://127.0.0.1:9/trigger/confirm?token={token}"}
+    result = cli(
+        ["run", "--config", setup.config("client"), "--mode", "http", "--job", "confirm"], env=env
+    )
+    assert result.exit_code == 2
+    assert "TEST_CONFIRM_TOKEN" in result.stderr
+
+
+def test_an_unreachable_server_stops_the_run(setup: Setup) -> None:
+    env = {
+        "MAILPIPE_DELIVERY_HTTP_YESMAIL_URL": "http://127.0.0.1:9",
+        "YESMAIL_API_USER": "u",
+        "YESMAIL_API_KEY": "k",
+        "MAILPIPE_DELIVERY_RETRY_ATTEMPTS": "2",
+    }
+    result = cli(
+        ["run", "--config", setup.config("client"), "--mode", "http", "--job", "followup"], env=env
+    )
+    assert result.exit_code == 2
+    assert "cannot connect" in result.stderr and "is the server running?" in result.stderr
+    with sqlite3.connect(setup.tmp / "client.db") as db:
+        states = {s for (s,) in db.execute("SELECT state FROM ledger")}
+    assert "failed" not in states
+
+
+def test_requests_sharing_an_address_wait_for_each_other() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.deliver.http import unit_dependencies
+
+    emails = pa.array(["a@x.com", "b@x.com", "A@x.com", "c@x.com", None, "b@x.com", None])
+    unit = np.array([0, 0, 1, 1, 1, 2, 2])
+    # unit 1 has a's second occurrence (case-insensitive); unit 2 b's; nulls tie nothing
+    assert unit_dependencies(emails, unit, 3) == [[], [0], [0]]
+
+
+def test_only_the_documented_recip_answers_are_read() -> None:
+    from pipeline.deliver.http_maestro import parse_recip_answer
+
+    ok = b'[{"result":"SUCCESS"},{"result":"SEND_ERROR","error":"Sending failed","message":"x"}]'
+    assert parse_recip_answer(ok, 2) == [
+        ("SUCCESS", None, None),
+        ("SEND_ERROR", "Sending failed", "x"),
+    ]
+    whole = b'{"result":"TRIGGER_CLOSED","error":"Trigger closed"}'
+    assert parse_recip_answer(whole, 3) == [("TRIGGER_CLOSED", "Trigger closed", None)] * 3
+    for bad in (
+        b"OK",
+        b'[{"result":"SUCCESS"}]',  # one answer for two recipients
+        b'[{"result":"SUCCESS"},{"result":"NOT_A_CODE","error":"?"}]',
+        b'[{"result":"SUCCESS"},{"result":"SEND_ERROR"}]',  # error is always there
+    ):
+        assert parse_recip_answer(bad, 2) is None
+
+
+def test_retries_that_run_out_fail_the_rows_as_transient(setup: Setup) -> None:
+    cfg = load_config(setup.config("sandbox"), env={})
+    with running_sandbox(cfg, SandboxOptions(fail_rate=1.0, fail_status=503)) as box:
+        env = {**dict(box.env()), "MAILPIPE_DELIVERY_RETRY_ATTEMPTS": "2"}
+        result = cli(
+            ["run", "--config", setup.config("client"), "--mode", "http", "--job", "confirm"],
+            env=env,
+        )
+        assert box.requests["injected-failure"] == 2 * 5  # 5 batches, 2 attempts each
+    assert result.exit_code == 1
+    sent = [r for r in check_run_dir(last_run(setup.out("client"))) if r["batch"]]
+    assert sent and all(r["result"] == "INTERNAL_ERROR" for r in sent)
+    assert all("HTTP 503" in r["message"] and "after 2 attempts" in r["message"] for r in sent)
+    assert all([e["state"] for e in r["events"]] == ["retrying"] for r in sent)
+    with sqlite3.connect(setup.tmp / "client.db") as db:
+        rows = db.execute("SELECT state, transient FROM ledger WHERE job = 'confirm'").fetchall()
+    assert rows and all(state == "failed" and transient for state, transient in rows)

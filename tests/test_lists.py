@@ -1,0 +1,185 @@
+"""`mailpipe lists` against the sandbox's InboxFirst Mailing Lists API (004_…)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import ListConfig, load_config
+from pipeline.errors import ConfigError
+from pipeline.inboxfirst import check_pushable, list_payload
+from pipeline.sandbox.server import running_sandbox
+
+CONFIG = """
+[store]
+url = "sqlite:///{store}"
+
+[lists.shop]
+name = "Shop Customers"
+d_from_email = "orders@shop.example.com"
+d_from_name = "{from_name}"
+custom_headers_enabled = true
+custom_headers = "X-Company: Example Shop\\n"
+d_autowinner_enabled = true
+d_autowinner_percentage = 25.5
+d_autowinner_delay_amount = 10
+d_autowinner_delay_unit = "hours"
+d_seed_list_names = ["Seed List"]
+
+[lists.news]
+name = "Newsletter"
+d_from_email = "news@shop.example.com"
+
+[sources.s]
+kind = "signups"
+path = "x.csv"
+email = "email"
+
+[jobs.j]
+source = "s"
+target = "maestro-ondemand"
+list = "news"
+"""
+
+
+def write(tmp: Path, from_name: str = "Example Shop") -> str:
+    path = tmp / "mailpipe.toml"
+    path.write_text(CONFIG.format(store=tmp / "store.db", from_name=from_name))
+    return str(path)
+
+
+def cli(args: list[str], env: dict[str, str], **kw: Any) -> Any:
+    return CliRunner().invoke(main, args, env=env, catch_exceptions=False, **kw)
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Any]:
+    with running_sandbox(load_config(write(tmp_path), env={})) as sandbox:
+        yield sandbox
+
+
+def test_push_show_pull_delete(tmp_path: Path, box: Any) -> None:
+    cfg = write(tmp_path)
+    env = dict(box.env())
+    shown = cli(["lists", "show", "--config", cfg], env=env)
+    assert shown.exit_code == 1 and shown.output.count("missing") == 2
+
+    pushed = cli(["lists", "push", "--config", cfg], env=env)
+    assert pushed.exit_code == 0, pushed.output
+    assert pushed.output.count("created") == 2
+
+    shown = cli(["lists", "show", "--config", cfg, "--json"], env=env)
+    assert shown.exit_code == 0
+    assert {r["action"] for r in orjson.loads(shown.stdout)} == {"unchanged"}
+
+    pulled = orjson.loads(cli(["lists", "pull", "--config", cfg], env=env).stdout)
+    shop = next(r for r in pulled if r["name"] == "Shop Customers")
+    assert shop["d_autowinner_percentage"] == "25.5"  # sent and returned as a string
+    assert shop["d_seed_lists"] == [{"id": 1, "name": "Seed List"}]
+    assert shop["custom_headers"] == "X-Company: Example Shop\n"
+
+    changed = write(tmp_path, from_name="The Example Shop")
+    shown = cli(["lists", "show", "--config", changed], env=env)
+    assert shown.exit_code == 1 and "differs: d_from_name" in shown.output
+    pushed = cli(["lists", "push", "--config", changed, "shop"], env=env)
+    assert pushed.exit_code == 0 and pushed.output.startswith("updated")
+    pulled = orjson.loads(cli(["lists", "pull", "--config", cfg], env=env).stdout)
+    assert next(r for r in pulled if r["id"] == shop["id"])["d_from_name"] == "The Example Shop"
+
+    declined = cli(["lists", "delete", "--config", cfg, "news"], env=env, input="n\n")
+    assert declined.exit_code == 1 and "nothing deleted" in declined.stderr
+    deleted = cli(["lists", "delete", "--config", cfg, "shop", "--yes"], env=env)
+    assert deleted.exit_code == 0 and "deleted mailing list 'Shop Customers'" in deleted.output
+    pulled = orjson.loads(cli(["lists", "pull", "--config", cfg], env=env).stdout)
+    assert [r["name"] for r in pulled] == ["Newsletter"]
+    assert box.requests["lists_code"] == 1 and box.requests["lists_delete"] == 1
+
+
+def test_wrong_credentials_are_refused(tmp_path: Path, box: Any) -> None:
+    env = {**dict(box.env()), "INBOXFIRST_API_KEY": "wrong"}
+    result = cli(["lists", "pull", "--config", write(tmp_path)], env=env)
+    assert result.exit_code == 2
+    assert "HTTP 401" in result.stderr and "wrong" not in result.stderr
+
+
+def test_push_checks_first_what_the_api_refuses() -> None:
+    base = {"name": "L", "d_from_email": "a@example.com"}
+    for bad, key in (
+        ({"d_autowinner_percentage": "94.855"}, "d_autowinner_percentage"),
+        ({"d_seed_list_ids": (1,), "d_seed_list_names": ("S",)}, "d_seed_list_names"),
+        ({"custom_headers_enabled": True}, "custom_headers"),
+    ):
+        lst = ListConfig.model_construct(**ListConfig(**base).model_dump() | bad)
+        with pytest.raises(ConfigError) as e:
+            check_pushable("mine", lst)
+        assert e.value.key.startswith("lists.mine"), e.value.key
+        assert key in e.value.message or key in e.value.key
+    good = ListConfig(**base, d_autowinner_percentage=94.85)
+    assert list_payload(good)["mailing_list"]["d_autowinner_percentage"] == "94.85"
+
+
+def test_the_api_refuses_and_expires_as_documented(tmp_path: Path, box: Any) -> None:
+    url = f"{box.base}/ga/api/v2/mailing_lists"
+    token = base64.b64encode(f"{box.creds.inboxfirst_user}:{box.creds.inboxfirst_key}".encode())
+    auth = {"Authorization": "Basic " + token.decode()}
+
+    async def go() -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        async with aiohttp.ClientSession(headers=auth) as s:
+            for body in (
+                {
+                    "mailing_list": {
+                        "name": "A",
+                        "d_from_email": "a@x.com",
+                        "d_autowinner_percentage": 94.85000000000001,
+                    }
+                },
+                {
+                    "mailing_list": {
+                        "name": "A",
+                        "d_from_email": "a@x.com",
+                        "d_seed_list_ids": [1],
+                        "d_seed_list_names": ["S"],
+                    }
+                },
+                {
+                    "mailing_list": {
+                        "name": "A",
+                        "d_from_email": "a@x.com",
+                        "custom_headers_enabled": True,
+                    }
+                },
+                {"mailing_list": {"name": "A", "d_from_email": "a@x.com"}},
+            ):
+                async with s.post(url, json=body) as r:
+                    out.append((r.status, await r.json()))
+            made = out[-1][1]["data"]["id"]
+            async with s.delete(f"{url}/{made}/confirmed/{'0' * 40}:{int(time.time()) + 60}") as r:
+                out.append((r.status, await r.json()))
+        return out
+
+    answers = asyncio.run(go())
+    for status, doc in answers[:3]:
+        assert status == 400
+        assert set(doc) == {"data", "error_code", "error_message", "success"}
+        assert doc["success"] is False and doc["data"] is None
+    assert "two decimals" in answers[0][1]["error_message"]
+    assert "only one of" in answers[1][1]["error_message"]
+    assert "custom_headers" in answers[2][1]["error_message"]
+    assert answers[3][1]["success"] is True
+    assert answers[4][1]["success"] is False  # a code the server never gave
+    # an expired code (valid for 2 minutes) is refused
+    made = answers[3][1]["data"]["id"]
+    expired = box.lists._code(made, int(time.time()) - 1)
+    with pytest.raises(Exception, match="expired"):
+        box.lists.delete(made, expired)
