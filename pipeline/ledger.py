@@ -287,15 +287,28 @@ class Ledger:
         if not rows:
             return
         stamp = now()
-        params = [(job, k, s, bool(t), self.run_id, b, o, stamp) for k, s, t, b, o in rows]
-        mark = "?" if self._dialect == "sqlite" else "%s"
-        sql = (
-            f"INSERT INTO ledger (job, key, state, transient, run_id, batch, outcome, updated) "
-            f"VALUES ({', '.join([mark] * 8)}) ON CONFLICT (job, key) DO UPDATE SET "
+        upsert = (
+            " ON CONFLICT (job, key) DO UPDATE SET "
             "state = excluded.state, transient = excluded.transient, "
             "run_id = excluded.run_id, batch = excluded.batch, "
             "outcome = excluded.outcome, updated = excluded.updated"
         )
+        cols = "INSERT INTO ledger (job, key, state, transient, run_id, batch, outcome, updated) "
+        if self._dialect == "sqlite":
+            # the whole chunk as one JSON parameter: SQLite unpacks it in C, no per-row binding
+            sql = (
+                cols + "SELECT ?, json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+                "json_extract(value, '$[2]'), ?, json_extract(value, '$[3]'), "
+                "json_extract(value, '$[4]'), ? FROM json_each(?) WHERE true" + upsert
+            )
+            for i in range(0, len(rows), _CHUNK):
+                part = orjson.dumps(
+                    [(k, s, int(bool(t)), b, o) for k, s, t, b, o in rows[i : i + _CHUNK]]
+                )
+                conn.exec_driver_sql(sql, (job, self.run_id, stamp, part.decode()))
+            return
+        params = [(job, k, s, bool(t), self.run_id, b, o, stamp) for k, s, t, b, o in rows]
+        sql = cols + f"VALUES ({', '.join(['%s'] * 8)})" + upsert
         for i in range(0, len(params), _CHUNK):
             conn.exec_driver_sql(sql, params[i : i + _CHUNK])
 
