@@ -60,6 +60,10 @@ class Entry:
             or self.state == "doubt"
         )
 
+    def held(self, resend: bool, live: set[str]) -> bool:
+        """Not for this run to send: settled (unless resending), or pending in a live run."""
+        return (self.final and not resend) or (self.state == "pending" and self.run_id in live)
+
 
 class Ledger:
     """The ledger of one store, used by one run."""
@@ -179,7 +183,7 @@ class Ledger:
                 e = existing.get(k)
                 if e is None or e.run_id == self.run_id:
                     continue
-                if (e.final and not resend) or (e.state == "pending" and e.run_id in live):
+                if e.held(resend, live):
                     claimed[i] = False
                     held[k] = e
                 else:
@@ -238,7 +242,7 @@ class Ledger:
                     )
                     if run_id == self.run_id:
                         take.append(k)
-                    elif (e.final and not resend) or (e.state == "pending" and run_id in live):
+                    elif e.held(resend, live):
                         held[k] = e
                     else:
                         previous[k] = e

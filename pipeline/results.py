@@ -235,6 +235,7 @@ class ReportWriter:
             "state",
             "http_status",
             "events",
+            "earlier_run",
             "time",
         ):
             own = (
@@ -243,9 +244,6 @@ class ReportWriter:
                 else pa.nulls(n, OUTCOME_SCHEMA.field(name).type)
             )
             cols[name] = pc.if_else(p, o.column(name).combine_chunks(), own)
-        cols["earlier_run"] = pc.if_else(
-            p, o.column("earlier_run").combine_chunks(), pa.nulls(n, pa.string())
-        )
         cols["time"] = pc.coalesce(cols["time"], self.finished)
         self.index += n
         table = pa.table(cols, schema=RESULT_SCHEMA)

@@ -177,6 +177,14 @@ def start_run(
     return run
 
 
+def sources_for_name(
+    cfg: MailpipeConfig, name: str, sources: Sequence[str] | None = None
+) -> list[str]:
+    """The sources (of ``sources``, default all) whose path glob's file-name part matches."""
+    names = cfg.sources if sources is None else sources
+    return [s for s in names if fnmatch.fnmatch(name, os.path.basename(cfg.sources[s].path))]
+
+
 def _assign_inputs(
     cfg: MailpipeConfig, sources: list[str], inputs: list[str]
 ) -> dict[str, list[str]]:
@@ -187,11 +195,7 @@ def _assign_inputs(
         return {sources[0]: inputs}
     out: dict[str, list[str]] = {s: [] for s in sources}
     for path in inputs:
-        hits = [
-            s
-            for s in sources
-            if fnmatch.fnmatch(os.path.basename(path), os.path.basename(cfg.sources[s].path))
-        ]
+        hits = sources_for_name(cfg, os.path.basename(path), sources)
         if len(hits) != 1:
             raise ConfigError(
                 "INPUT",

@@ -23,7 +23,6 @@ exactly one of them, and the ledger's claims keep every record single.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import signal
@@ -37,6 +36,7 @@ from typing import Any
 from pipeline.config import MailpipeConfig
 from pipeline.errors import ConfigError, MailpipeError
 from pipeline.lock import RunLock, store_lock_path
+from pipeline.run import run_pipeline, sources_for_name
 from pipeline.rundir import new_run_id
 
 __all__ = ["CycleReport", "DropDir", "watch"]
@@ -122,12 +122,6 @@ class DropDir:
             if not alt.exists() and not alt.is_symlink():
                 return alt
         raise MailpipeError(f"{folder}: too many files named {name}; clear it out")
-
-
-def _source_for(cfg: MailpipeConfig, name: str) -> list[str]:
-    return [
-        s for s, src in cfg.sources.items() if fnmatch.fnmatch(name, os.path.basename(src.path))
-    ]
 
 
 def _text_problem(path: Path, has_marker: bool) -> str | None:
@@ -253,7 +247,7 @@ class Watcher:
             if not (marked or settled):
                 report.waiting.append(name)
                 continue
-            hits = _source_for(self.cfg, name)
+            hits = sources_for_name(self.cfg, name)
             if len(hits) != 1:
                 globs = ", ".join(
                     f"{s}: {os.path.basename(src.path)}" for s, src in self.cfg.sources.items()
@@ -306,8 +300,6 @@ class Watcher:
     def _run(
         self, run_id: str, claimed: list[Path], report: CycleReport, progress: Any, options: Any
     ) -> None:
-        from pipeline.run import run_pipeline
-
         good: list[Path] = []
         for path in claimed:
             marker = path.with_name(path.name + MARKER)
@@ -318,7 +310,7 @@ class Watcher:
                 good.append(path)
         if not good:
             return
-        sources = {_source_for(self.cfg, p.name)[0] for p in good}
+        sources = {sources_for_name(self.cfg, p.name)[0] for p in good}
         jobs = [n for n, j in self.cfg.jobs.items() if j.enabled and j.source in sources]
         kwargs: dict[str, Any] = {"options": options} if options is not None else {}
         if progress is not None:

@@ -11,7 +11,6 @@ stage file, in the platform's own vocabulary:
 ``reason``       Maestro subscribe ``reason`` object, as JSON text
 ``ticket``/``state``/``http_status``  Yesmail ticket id, its state, the HTTP status
 ``events``       ticket events as JSON (``retrying`` for each retry, with its reason)
-``events``       ticket events as JSON (``retrying`` for each retry, with its reason)
 ``earlier_run``  for a record not sent again: the run whose answer it carries
 ``time``         when the outcome was known
 ``_transient``   a failure that a later attempt may cure (the ledger lets a later run retry it)

@@ -42,15 +42,7 @@ def check_smtp(cfg: MailpipeConfig, env: Mapping[str, str] | None = None) -> Che
 
 async def _check(settings: SmtpSettings) -> CheckReport:
     report = CheckReport([f"smtp {settings.where}, security {settings.security}"])
-    smtp = aiosmtplib.SMTP(
-        hostname=settings.host,
-        port=settings.port,
-        timeout=settings.timeout,
-        use_tls=settings.security == "tls",
-        start_tls=False,
-        cert_bundle=settings.ca_file,
-        local_hostname=settings.local_hostname,
-    )
+    smtp = settings.client()
     try:
         greeting = await smtp.connect()
         report.add("greeting", f"{greeting.code} {greeting.message}")

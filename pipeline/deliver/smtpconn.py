@@ -109,6 +109,20 @@ class SmtpSettings:
     def where(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def client(self) -> aiosmtplib.SMTP:
+        """An unconnected client for the relay (implicit TLS when configured; certificates
+        always checked)."""
+        return aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=self.timeout,
+            use_tls=self.security == "tls",
+            start_tls=False,
+            validate_certs=True,
+            cert_bundle=self.ca_file,
+            local_hostname=self.local_hostname,
+        )
+
 
 @functools.cache
 def _fqdn() -> str:
@@ -160,16 +174,7 @@ async def open_smtp(settings: SmtpSettings) -> tuple[aiosmtplib.SMTP, Capabiliti
     server, :class:`SessionLost` when the attempt failed in a way that another
     may not (refused, dropped, timed out, a 4xx greeting).
     """
-    smtp = aiosmtplib.SMTP(
-        hostname=settings.host,
-        port=settings.port,
-        timeout=settings.timeout,
-        use_tls=settings.security == "tls",
-        start_tls=False,
-        validate_certs=True,
-        cert_bundle=settings.ca_file,
-        local_hostname=settings.local_hostname,
-    )
+    smtp = settings.client()
     try:
         await smtp.connect()
         await smtp.ehlo()
