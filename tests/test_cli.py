@@ -339,3 +339,24 @@ def test_smtp_mode_refuses_a_job_without_a_template_before_sending(
     assert got.exit_code == 2
     assert "jobs.manual-confirmation.template" in got.stderr
     assert not (tmp_path / "out").exists()  # no run started, nothing sent
+
+
+def test_a_reader_that_goes_away_is_not_an_internal_error(setup: dict[str, Any]) -> None:
+    """`mailpipe run | head -0`: the run is done all the same; its exit code stands."""
+    import subprocess
+    import sys
+
+    (setup["data"] / "orders.csv").write_text(GOOD)
+    read, write = os.pipe()
+    os.close(read)  # nobody will read the summary
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "--config", setup["config"]],
+            stdout=write,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(write)
+    assert b"internal error" not in done.stderr, done.stderr.decode()
+    assert done.returncode == 0  # every row completed, as in the clean-run test
+    assert check_run_dir(last_run(setup["out"]))
