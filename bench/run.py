@@ -107,6 +107,13 @@ def mailpipe_env(orders: Path, store: Path, out: Path) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="200k rows, no 5M run")
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only the contenders whose name contains NAME (repeatable); "
+        "the ratios take the others from bench/baseline.json",
+    )
     args = ap.parse_args()
     rows = 200_000 if args.quick else 1_000_000
     naive_rows = min(rows, 200_000)
@@ -116,25 +123,33 @@ def main() -> None:
     results: dict[str, Any] = {"rows": rows, "machine": {"cpus": os.cpu_count()}, "runs": {}}
     print(f"mailpipe benchmark, {rows:,} order rows ({orders.name})")
     runs = results["runs"]
-    runs["naive"] = measure(
-        "naive (200k rows)",
-        [
-            PY,
-            str(BENCH / "naive.py"),
-            str(orders),
-            str(OUT / "naive.jsonl"),
-            "--rows",
-            str(naive_rows),
-        ],
-        naive_rows,
-    )
-    runs["floor"] = measure(
-        "floor (pyarrow+orjson)",
-        [PY, str(BENCH / "floor.py"), str(orders), str(OUT / "floor.jsonl")],
-        rows,
-    )
+
+    def on(name: str) -> bool:
+        return not args.only or any(w in name for w in args.only)
+
+    if on("naive"):
+        runs["naive"] = measure(
+            "naive (200k rows)",
+            [
+                PY,
+                str(BENCH / "naive.py"),
+                str(orders),
+                str(OUT / "naive.jsonl"),
+                "--rows",
+                str(naive_rows),
+            ],
+            naive_rows,
+        )
+    if on("floor"):
+        runs["floor"] = measure(
+            "floor (pyarrow+orjson)",
+            [PY, str(BENCH / "floor.py"), str(orders), str(OUT / "floor.jsonl")],
+            rows,
+        )
     scratch_store = OUT / "scratch.db"
     for job in ("order-confirmation", "order-followup"):
+        if not on(f"build {job}"):
+            continue
         shutil.rmtree(OUT / "runs", ignore_errors=True)
         runs[f"build {job}"] = measure(
             f"build {job}",
@@ -142,7 +157,7 @@ def main() -> None:
             rows,
             mailpipe_env(orders, scratch_store, OUT / "runs"),
         )
-    if not args.quick:
+    if not args.quick and on("build 5M"):
         big = ensure_orders(5_000_000)
         shutil.rmtree(OUT / "runs", ignore_errors=True)
         runs["build 5M"] = measure(
@@ -151,22 +166,25 @@ def main() -> None:
             5_000_000,
             mailpipe_env(big, scratch_store, OUT / "runs"),
         )
-    store = ensure_store(1_000_000)
-    work_store = OUT / "store.db"
-    shutil.copy(store, work_store)
-    shutil.rmtree(OUT / "runs", ignore_errors=True)
-    runs["simulate order-confirmation"] = measure(
-        "simulate order-confirmation",
-        [*MAILPIPE, "run", "--config", config, "--job", "order-confirmation"],
-        rows,
-        mailpipe_env(orders, work_store, OUT / "runs"),
-    )
+    if on("simulate order-confirmation"):
+        store = ensure_store(1_000_000)
+        work_store = OUT / "store.db"
+        shutil.copy(store, work_store)
+        shutil.rmtree(OUT / "runs", ignore_errors=True)
+        runs["simulate order-confirmation"] = measure(
+            "simulate order-confirmation",
+            [*MAILPIPE, "run", "--config", config, "--job", "order-confirmation"],
+            rows,
+            mailpipe_env(orders, work_store, OUT / "runs"),
+        )
     shutil.rmtree(OUT / "runs", ignore_errors=True)
     report(results)
 
 
 def report(results: dict[str, Any]) -> None:
-    runs = results["runs"]
+    baseline_path = BENCH / "baseline.json"
+    base = orjson.loads(baseline_path.read_bytes())["runs"] if baseline_path.exists() else {}
+    runs = {**base, **results["runs"]}
     naive = runs["naive"]["rows_per_s"]
     floor = runs["floor"]["rows_per_s"]
     build = runs["build order-followup"]["rows_per_s"]
@@ -190,11 +208,9 @@ def report(results: dict[str, Any]) -> None:
         f"(build {runs['build order-confirmation']['rows_per_s']:,} rows/s)"
     )
     (OUT / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    baseline_path = BENCH / "baseline.json"
-    if baseline_path.exists():
-        base = orjson.loads(baseline_path.read_bytes())["runs"]
+    if base:
         print("\nagainst bench/baseline.json")
-        for name, r in runs.items():
+        for name, r in results["runs"].items():
             if name in base:
                 change = r["rows_per_s"] / base[name]["rows_per_s"] - 1
                 flag = "  <-- slower by more than 25%" if change < -0.25 else ""
