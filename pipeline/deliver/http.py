@@ -94,10 +94,13 @@ def unit_dependencies(emails: pa.Array, unit_of_row: np.ndarray, units: int) -> 
 
 
 async def run_in_order(
-    deps: list[list[int]], send: Callable[[int], Awaitable[Any]]
+    deps: list[list[int]], send: Callable[[int, Callable[[], None]], Awaitable[Any]]
 ) -> tuple[list[Any], Exception | None]:
-    """Run ``send(k)`` for every unit, each after the units it depends on.
+    """Run ``send(k, release)`` for every unit, each after the units it depends on.
 
+    A unit's dependants start when it returns, or as soon as it calls
+    ``release()``: once the platform has judged the unit's requests, what is
+    left (following a Yesmail ticket) changes nothing they would be judged on.
     After a :class:`DeliveryStopped` no unit starts; the answers of those that
     ran are returned with the stop (``None`` for the others).
     """
@@ -110,7 +113,7 @@ async def run_in_order(
             for d in deps[k]:
                 await done[d].wait()
             if not stop:
-                out[k] = await send(k)
+                out[k] = await send(k, done[k].set)
         except DeliveryStopped as e:
             stop.append(e)
         except Exception as e:  # a bug: stop starting requests, raise it below

@@ -14,6 +14,7 @@ The response file of a batch is the array of the bodies that came back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -168,7 +169,7 @@ class OnDemandSender:
 
         encoded = _Encoded(data, offsets, starts)
 
-        async def send(k: int) -> BatchAnswer:
+        async def send(k: int, _release: Callable[[], None]) -> BatchAnswer:
             url = f"{self.url}%5B{encoded.batch(k)}%5D"
             return await self._call(url, starts[k + 1] - starts[k])
 
@@ -264,7 +265,7 @@ class SubscribeSender:
         items = self.backend.builder.items(rows).to_pylist()
         deps = unit_dependencies(rows.column("email").combine_chunks(), np.arange(n), n)
 
-        async def send(i: int) -> tuple[bytes, dict[str, Any]]:
+        async def send(i: int, _release: Callable[[], None]) -> tuple[bytes, dict[str, Any]]:
             query = subscribe_query(*self.ids, self._subscriber(items[i]))
             return await self._call(f"{self.base}?{query}")
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin
 
@@ -38,10 +40,25 @@ __all__ = ["YesmailSender"]
 
 _COLUMNS = ("status", "ticket", "state", "message", "http_status", "events", "time", "_transient")
 _BISECT = (YesmailStatus.BAD_REQUEST, YesmailStatus.CONFLICT)
+_ACCEPTED = int(YesmailStatus.ACCEPTED)
+
+
+@dataclass
+class _Accepted:
+    """A request the platform accepted (202): its ticket, recipients and record."""
+
+    location: str
+    idx: list[int]
+    attempt: dict[str, Any]
+    events: list[dict[str, str]]
 
 
 class _Unfollowed(Exception):
     """An accepted request whose ticket or results could not be read to the end."""
+
+
+def _stopped(e: DeliveryStopped) -> str:
+    return f"accepted, but the run stopped before its ticket completed: {e.message}"
 
 
 def _json(body: bytes) -> Any:
@@ -94,12 +111,21 @@ class YesmailSender:
 
         stopped: dict[int, BatchAnswer] = {}
 
-        async def send(k: int) -> BatchAnswer:
+        async def send(k: int, release: Callable[[], None]) -> BatchAnswer:
             lo, hi = starts[k], starts[k + 1]
             cols: dict[str, list[Any]] = {c: [None] * (hi - lo) for c in _COLUMNS}
             attempts: list[dict[str, Any]] = []
+            accepted: list[_Accepted] = []
             try:
-                await self._send(ids[k], body, lo, lo, hi, attempts, cols, [])
+                try:
+                    await self._send(ids[k], body, lo, lo, hi, attempts, cols, [], accepted)
+                except DeliveryStopped as e:
+                    for a in accepted:  # accepted, so sent: recorded, not given back
+                        self._fail(cols, a.idx, _ACCEPTED, _stopped(e), a.events)
+                    raise
+                finally:
+                    release()  # judged: the batches after it may go while its tickets run
+                await self._follow_all(accepted, cols)
             except DeliveryStopped:
                 # what the platform accepted before the stop is an outcome: keep it
                 done = [i for i, s in enumerate(cols["status"]) if s is not None]
@@ -124,8 +150,12 @@ class YesmailSender:
         attempts: list[dict[str, Any]],
         cols: dict[str, list[Any]],
         inherited: list[dict[str, str]],
+        accepted: list[_Accepted],
     ) -> None:
-        """POST recipients ``lo..hi``; on 400/409 split them, so only the offenders fail."""
+        """POST recipients ``lo..hi``; on 400/409 split them, so only the offenders fail.
+
+        An accepted request joins ``accepted``, its ticket to be followed.
+        """
         url = f"{self.base}{SEND_PATH}?responseRef={quote(ref, safe='')}"
         events = list(inherited)
         idx = list(range(lo - base, hi - base))
@@ -151,27 +181,45 @@ class YesmailSender:
             )
             attempt["headers"] = {"Content-Location": location}
             attempt["body"] = answer
-            try:
-                ticket, results = await self._follow(location, events)
-            except _Unfollowed as e:
-                self._fail(cols, idx, int(resp.status), str(e), events)
-                return
-            except DeliveryStopped as e:  # accepted, so sent: record it before stopping
-                note = f"accepted, but the run stopped before its ticket completed: {e.message}"
-                self._fail(cols, idx, int(resp.status), note, events)
-                raise
-            attempt["ticket"] = ticket
-            attempt["asyncResults"] = results
-            self._accepted(cols, idx, ticket, results, events)
+            accepted.append(_Accepted(location, idx, attempt, events))
             return
         attempt["body"] = answer
         if resp.status in _BISECT and len(idx) > 1:
             half = len(idx) // 2
-            await self._send(ref, body, base, lo, lo + half, attempts, cols, events)
-            await self._send(ref, body, base, lo + half, hi, attempts, cols, events)
+            await self._send(ref, body, base, lo, lo + half, attempts, cols, events, accepted)
+            await self._send(ref, body, base, lo + half, hi, attempts, cols, events, accepted)
             return
         message = answer.get("message") if isinstance(answer, dict) else truncate(resp.body)
         self._fail(cols, idx, resp.status, message, events)
+
+    async def _follow_all(self, accepted: list[_Accepted], cols: dict[str, list[Any]]) -> None:
+        """Follow every accepted request's ticket to its outcome, together; a stop is raised
+        once all of them have been recorded (as accepted but unfinished)."""
+        stops = [
+            e
+            for e in await asyncio.gather(
+                *(self._settle(a, cols) for a in accepted), return_exceptions=True
+            )
+            if isinstance(e, BaseException)
+        ]
+        for e in stops:
+            if not isinstance(e, DeliveryStopped):
+                raise e
+        if stops:
+            raise stops[0]
+
+    async def _settle(self, a: _Accepted, cols: dict[str, list[Any]]) -> None:
+        try:
+            ticket, results = await self._follow(a.location, a.events)
+        except _Unfollowed as e:
+            self._fail(cols, a.idx, _ACCEPTED, str(e), a.events)
+            return
+        except DeliveryStopped as e:  # accepted, so sent: record it before stopping
+            self._fail(cols, a.idx, _ACCEPTED, _stopped(e), a.events)
+            raise
+        a.attempt["ticket"] = ticket
+        a.attempt["asyncResults"] = results
+        self._accepted(cols, a.idx, ticket, results, a.events)
 
     def _check_auth(self, resp: Response) -> None:
         if resp.status == YesmailStatus.UNAUTHORIZED:
