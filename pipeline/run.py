@@ -126,7 +126,12 @@ def _normalizer(
     opts = RunOptions.from_json(run.manifest().get("options"))
     window = Window(*opts.window) if opts.window else None
     return Normalizer(
-        cfg.plan(name), refs, ledger=ledger, resend=name in opts.resend, window=window
+        cfg.plan(name),
+        refs,
+        ledger=ledger,
+        resend=name in opts.resend,
+        window=window,
+        scratch=run.path,
     )
 
 
@@ -620,7 +625,7 @@ def resolve_in_doubt(run: RunDir, cfg: MailpipeConfig, ledger: Ledger) -> dict[s
         # asked, and the platform does not know them: certainly not sent, so send them now
         resent = rest if asked or opts.in_doubt == "resend" else []
         skipped = [] if asked or opts.in_doubt == "resend" else rest
-        ledger.settle_doubt(job, decided, skipped, resent)
+        ledger.settle_doubt(job, {k: (r, b) for k, r, b in doubts}, decided, skipped, resent)
         found[job] = {
             "found": len(keys),
             "answered_by_platform": len(decided),

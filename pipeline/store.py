@@ -6,8 +6,13 @@ the global suppression list, Maestro mail-job states, Yesmail subscribers and
 their subscriptions (divisions) — and, for every mode, the ledger of what was
 sent (see :mod:`pipeline.ledger`).
 
-The schema is created on first use and carries a version in ``meta``; a store
-written by a newer mailpipe is refused rather than misread.
+The schema is created on first use and carries a version in ``meta``; an older
+store is migrated when opened, and a store written by a newer mailpipe is
+refused rather than misread.
+
+Versions: 1 — the first; 2 — on SQLite, the chunks a run has claimed but not
+finished live in ``claims`` (one row a chunk) instead of as ``pending`` ledger
+rows, and the ledger has no index by state.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ __all__ = [
     "verify_password",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SUBSCRIBER_STATES = ("subscribed", "pending", "unsubscribed", "bounced")
 _IN_CHUNK = 900
 _PBKDF2_ROUNDS = 100_000
@@ -115,7 +120,19 @@ ledger = sa.Table(
     sa.Column("updated", sa.String(32), nullable=False),
     sqlite_with_rowid=False,
 )
-sa.Index("ledger_by_state", ledger.c.job, ledger.c.state)
+# PostgreSQL keeps claims as pending ledger rows (runners share it) and finds them by state
+sa.Index("ledger_by_state", ledger.c.job, ledger.c.state).ddl_if(dialect="postgresql")
+# SQLite (one run at a time): the keys of a chunk claimed and not yet finished, one row
+# per chunk — ``members`` is the JSON ``[[key, …], [batch, …]]``; finishing the chunk
+# deletes the row in the same transaction that writes its answers to the ledger
+claims = sa.Table(
+    "claims",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("job", sa.String(200), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("members", sa.Text, nullable=False),
+)
 # runs that hold pending ledger entries: a pending entry of a run that stopped beating
 # is in doubt
 runs = sa.Table(
@@ -208,6 +225,14 @@ class Store:
                 raise MailpipeError(
                     f"store {_safe_url(self.url)} has schema version {row[0]}, "
                     f"newer than this mailpipe ({SCHEMA_VERSION}); upgrade mailpipe"
+                )
+            elif int(row[0]) < SCHEMA_VERSION:
+                if int(row[0]) < 2 and conn.dialect.name == "sqlite":
+                    _claims_out_of_ledger(conn)
+                conn.execute(
+                    meta.update()
+                    .where(meta.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
                 )
 
     @contextmanager
@@ -517,6 +542,24 @@ class Store:
 
 def profile_json(profile: dict[str, Any]) -> str:
     return orjson.dumps(profile, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _claims_out_of_ledger(conn: Connection) -> None:
+    """Version 1 → 2 on SQLite: pending ledger rows become one claim per run and job."""
+    held: dict[tuple[str, str], tuple[list[str], list[str | None]]] = {}
+    for job, key, run_id, batch in conn.execute(
+        sa.select(ledger.c.job, ledger.c.key, ledger.c.run_id, ledger.c.batch).where(
+            ledger.c.state == "pending"
+        )
+    ):
+        keys, batches = held.setdefault((run_id, job), ([], []))
+        keys.append(key)
+        batches.append(batch)
+    for (run_id, job), pair in held.items():
+        members = orjson.dumps(pair).decode()
+        conn.execute(claims.insert().values(run_id=run_id, job=job, seq=0, members=members))
+    conn.execute(ledger.delete().where(ledger.c.state == "pending"))
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ledger_by_state")
 
 
 def _chunks(keys: Sequence[str]) -> Iterator[list[str]]:

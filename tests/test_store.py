@@ -41,12 +41,12 @@ def test_schema_created_on_first_use_with_its_version(tmp_path: Path) -> None:
     }
     with store.begin() as conn:
         version = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version"))
-        assert version.scalar_one() == str(SCHEMA_VERSION) == "1"
+        assert version.scalar_one() == str(SCHEMA_VERSION) == "2"
     store.close()
     # opened again: the same version, one row
     store = Store(f"sqlite:///{path}")
     with store.begin() as conn:
-        assert conn.execute(sa.select(meta)).all() == [("schema_version", "1")]
+        assert conn.execute(sa.select(meta)).all() == [("schema_version", "2")]
     store.close()
 
 
@@ -63,9 +63,50 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MailpipeError) as info:
         Store(url)
     assert info.value.message == (
-        f"store sqlite:///{tmp_path}/s.db has schema version 2, "
-        "newer than this mailpipe (1); upgrade mailpipe"
+        f"store sqlite:///{tmp_path}/s.db has schema version 3, "
+        "newer than this mailpipe (2); upgrade mailpipe"
     )
+
+
+def test_a_version_1_store_is_migrated_and_its_pending_keys_stay_in_doubt(tmp_path: Path) -> None:
+    """Version 1 kept claims as pending ledger rows (with an index by state); opened by
+    version 2, they become one claim per run and job, and the next run finds them."""
+    import sqlite3
+
+    from pipeline.ledger import Ledger
+
+    path = tmp_path / "s.db"
+    Store(f"sqlite:///{path}").close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.execute("DROP TABLE claims")
+    db.execute("CREATE INDEX ledger_by_state ON ledger (job, state)")
+    db.executemany(
+        "INSERT INTO ledger VALUES ('confirm', ?, ?, 0, ?, ?, NULL, '2026-11-01T00:00:00Z')",
+        [
+            ("k:1", "completed", "old-run", "b-1"),
+            ("k:2", "pending", "dead-run", "b-2"),
+            ("k:3", "pending", "dead-run", "b-3"),
+            ("k:4", "pending", "other-dead-run", "b-4"),
+        ],
+    )
+    db.execute("INSERT INTO runs VALUES ('dead-run', 'h', 1, '2026-11-01T00:00:00Z', 0, NULL)")
+    db.commit()
+    db.close()
+    store = Store(f"sqlite:///{path}")
+    with store.begin() as conn:
+        assert conn.execute(sa.select(meta.c.value)).scalar_one() == "2"
+        states = conn.exec_driver_sql("SELECT key, state FROM ledger ORDER BY key").all()
+        assert states == [("k:1", "completed")]
+        indexes = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
+        assert "ledger_by_state" not in {n for (n,) in indexes}
+    doubt = Ledger(store, "new-run").in_doubt("confirm")
+    assert sorted(doubt) == [
+        ("k:2", "dead-run", "b-2"),
+        ("k:3", "dead-run", "b-3"),
+        ("k:4", "other-dead-run", "b-4"),
+    ]
+    store.close()
 
 
 def test_reupserting_identical_subscribers_changes_nothing(tmp_path: Path) -> None:

@@ -90,20 +90,12 @@ class SimulateBackend:
         keys = self._keys(rows)
 
         def log(conn: Any, codes: list[MaestroResult], msgs: list[str | None]) -> None:
-            log_platform(
-                conn,
-                self.plan.name,
-                keys,
-                [
-                    orjson.dumps(
-                        {
-                            "status": "completed" if c is MaestroResult.SUCCESS else "failed",
-                            **c.response(m),
-                        }
-                    ).decode()
-                    for c, m in zip(codes, msgs)
-                ],
-            )
+            said: dict[tuple[MaestroResult, str | None], str] = {}  # few distinct answers
+            for c, m in zip(codes, msgs):
+                if (c, m) not in said:
+                    status = "completed" if c is MaestroResult.SUCCESS else "failed"
+                    said[c, m] = orjson.dumps({"status": status, **c.response(m)}).decode()
+            log_platform(conn, self.plan.name, keys, [said[c, m] for c, m in zip(codes, msgs)])
 
         answer = evaluate_ondemand(
             self.cfg, self.plan, self.store, self._recip_columns(rows), log=log if keys else None
