@@ -15,9 +15,13 @@ Store work runs on the event loop, one engine call at a time. Maestro calls
 that arrive while the engine is busy are answered together by one engine
 call, in arrival order — the platform processes consecutive calls "one by
 one" anyway — which is what lets one core answer thousands of calls a second.
-An accepted Yesmail request is judged at once (a 409 is immediate, as
-documented); its ticket then really passes ``accepted`` → ``processing`` →
-``completed``, and only then are its async results there.
+Before each engine call the loop turns until no more calls join (a few
+turns): the requests read in one turn reach the queue only in the next, and
+an engine call costs a transaction and a commit whatever its size. An
+accepted Yesmail request is judged at once (a 409 is immediate, as
+documented), those that arrived together in one transaction; its ticket then
+really passes ``accepted`` → ``processing`` → ``completed``, and only then
+are its async results there.
 
 Test knobs (:class:`SandboxOptions`): ``latency`` before each answer,
 ``fail_rate`` of requests answered ``fail_status`` (with ``Retry-After`` when
@@ -84,7 +88,7 @@ class _Aggregator(Generic[T, R]):
         self,
         run: Callable[[list[T]], list[R]],
         engine: Callable[..., Awaitable[Any]],
-        limit: int = 2048,
+        limit: int = 8192,
     ) -> None:
         self.run = run
         self.engine = engine
@@ -101,9 +105,18 @@ class _Aggregator(Generic[T, R]):
             self.task = asyncio.create_task(self._drain())
         return await fut
 
+    async def _gather(self) -> None:
+        """Let the requests the loop has read join, while more keep arriving."""
+        before = -1
+        for _ in range(8):
+            if len(self.waiting) == before:
+                return
+            before = len(self.waiting)
+            await asyncio.sleep(0)
+
     async def _drain(self) -> None:
         try:
-            await asyncio.sleep(0)  # let the requests read in this turn of the loop join
+            await self._gather()
             while self.waiting:
                 take = [self.waiting.popleft()]
                 count = len(take[0][0])
@@ -123,7 +136,7 @@ class _Aggregator(Generic[T, R]):
                     if not fut.done():
                         fut.set_result(out[pos : pos + len(items)])
                     pos += len(items)
-                await asyncio.sleep(0)  # answer these before judging the next calls
+                await self._gather()  # answer these before judging the next calls
         finally:
             self.task = None
 
