@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.payloads.base import url_quote
-from pipeline.payloads.urlencode import percent_encode, percent_encode_parts
+from pipeline.payloads.urlencode import percent_encode, percent_encode_parts, quote_text
 
 
 def test_the_seeds_subscriber_example() -> None:
@@ -31,3 +31,8 @@ def test_parts_encode_each_slice_as_alone(parts: list[str]) -> None:
     assert encoded.decode() == url_quote(",".join(parts))
     for i, p in enumerate(parts):
         assert encoded[at[2 * i] : at[2 * i + 1]].decode() == url_quote(p)
+
+
+@given(st.text())
+def test_quote_text_is_url_quote(text: str) -> None:
+    assert quote_text(text) == url_quote(text)

@@ -29,7 +29,7 @@ from pipeline.payloads.base import REDACTED
 from pipeline.payloads.batching import with_commas
 from pipeline.payloads.maestro_ondemand import trigger_url
 from pipeline.payloads.maestro_subscribe import SUBSCRIBE_PATH, subscribe_query
-from pipeline.payloads.urlencode import percent_encode_parts
+from pipeline.payloads.urlencode import quote_text
 from pipeline.rundir import now_iso
 
 if TYPE_CHECKING:
@@ -92,43 +92,6 @@ def parse_recip_answer(body: bytes, count: int) -> list[tuple[str, str | None, s
     return out  # type: ignore[return-value]
 
 
-class _Encoded:
-    """The batches' ``recip`` text, percent-encoded a group of batches at a time.
-
-    Items are comma-joined in ``data`` (``offsets`` per recipient, ``starts`` per
-    batch); a group is encoded when its first batch is sent and dropped when
-    its last one is, so a chunk is never held twice over.
-    """
-
-    GROUP = 64
-
-    def __init__(self, data: memoryview, offsets: list[int], starts: list[int]) -> None:
-        self.data, self.offsets, self.starts = data, offsets, starts
-        self.groups: dict[int, tuple[bytes, list[int], int]] = {}
-
-    def batch(self, k: int) -> str:
-        g, i = divmod(k, self.GROUP)
-        if g not in self.groups:
-            first = g * self.GROUP
-            last = min(first + self.GROUP, len(self.starts) - 1)
-            base = self.offsets[self.starts[first]]
-            raw = self.data[base : self.offsets[self.starts[last]]].tobytes()
-            cuts = []
-            for b in range(first, last):  # each batch's items, without the trailing comma
-                cuts += [
-                    self.offsets[self.starts[b]] - base,
-                    self.offsets[self.starts[b + 1]] - 1 - base,
-                ]
-            text, at = percent_encode_parts(raw, cuts)
-            self.groups[g] = (text, at, last - first)
-        text, at, left = self.groups[g]
-        if left == 1:
-            del self.groups[g]
-        else:
-            self.groups[g] = (text, at, left - 1)
-        return text[at[2 * i] : at[2 * i + 1]].decode("ascii")
-
-
 class OnDemandSender:
     """``maestro-ondemand``: one trigger-URL GET per batch."""
 
@@ -167,10 +130,10 @@ class OnDemandSender:
         unit_of_row = np.repeat(np.arange(units), np.diff(chunk.starts))
         deps = unit_dependencies(rows.column("email").combine_chunks(), unit_of_row, units)
 
-        encoded = _Encoded(data, offsets, starts)
-
         async def send(k: int, _release: Callable[[], None]) -> BatchAnswer:
-            url = f"{self.url}%5B{encoded.batch(k)}%5D"
+            # the batch's items without the trailing comma, encoded when it is sent
+            items = data[offsets[starts[k]] : offsets[starts[k + 1]] - 1]
+            url = f"{self.url}%5B{quote_text(str(items, 'utf-8'))}%5D"
             return await self._call(url, starts[k + 1] - starts[k])
 
         return await run_in_order(deps, send)
