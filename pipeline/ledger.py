@@ -34,18 +34,20 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline.store import Store, claims, ledger, now, platform_log, runs
 
-__all__ = ["STALE_SECONDS", "Entry", "Ledger"]
+__all__ = ["STALE_SECONDS", "Answers", "Entry", "Ledger"]
 
 STALE_SECONDS = 120.0  # a run that has not beaten for this long is taken for dead
 _CHUNK = 20000
@@ -70,6 +72,57 @@ class Entry:
     def held(self, resend: bool, live: set[str]) -> bool:
         """Not for this run to send: settled (unless resending), or pending in a live run."""
         return (self.final and not resend) or (self.state == "pending" and self.run_id in live)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Entries to write, as columns: key, state, transient (booleans), batch, outcome."""
+
+    keys: pa.Array
+    states: pa.Array
+    transient: pa.Array
+    batches: pa.Array
+    outcomes: pa.Array
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[str, str, bool, str | None, str | None]]) -> Answers:
+        k, s, t, b, o = zip(*rows) if rows else ((),) * 5
+        text = pa.string()
+        return cls(
+            pa.array(k, text),
+            pa.array(s, text),
+            pa.array(t, pa.bool_()),
+            pa.array(b, text),
+            pa.array(o, text),
+        )
+
+
+def _flat(a: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+
+
+def _groups(
+    states: pa.Array, transient: pa.Array, outcomes: pa.Array
+) -> Iterator[tuple[tuple[str, bool, str | None], np.ndarray]]:
+    """The distinct (state, transient, outcome) triples and the positions of each, found
+    with array operations (a chunk has few distinct answers and many rows)."""
+    st = pc.dictionary_encode(states, null_encoding="encode")
+    out = pc.dictionary_encode(outcomes, null_encoding="encode")
+    flag = pc.fill_null(transient, False).to_numpy(zero_copy_only=False).astype(np.int64)
+    code = (st.indices.to_numpy().astype(np.int64) * 2 + flag) * len(out.dictionary)
+    code += out.indices.to_numpy().astype(np.int64)
+    order = np.argsort(code, kind="stable")
+    cuts = np.flatnonzero(np.diff(code[order])) + 1
+    for at in np.split(order, cuts):
+        i = int(at[0])
+        yield (
+            (
+                st.dictionary[st.indices[i].as_py()].as_py(),
+                bool(flag[i]),
+                out.dictionary[out.indices[i].as_py()].as_py(),
+            ),
+            at,
+        )
 
 
 class Ledger:
@@ -317,32 +370,27 @@ class Ledger:
     def finish(
         self,
         job: str,
-        keys: Sequence[str],
-        states: Sequence[str],
-        transient: Sequence[bool],
-        batches: Sequence[str],
-        outcomes: Sequence[str | None],
+        keys: pa.Array | pa.ChunkedArray,
+        states: pa.Array | pa.ChunkedArray,
+        transient: pa.Array | pa.ChunkedArray,
+        batches: pa.Array | pa.ChunkedArray,
+        outcomes: pa.Array | pa.ChunkedArray,
     ) -> None:
-        """Record the answers of sent keys, in one transaction (which, on SQLite, also
-        ends the run's claim of them: a chunk is finished once, its answers all given or
-        the rest released)."""
+        """Record the answers of sent keys (string arrays but ``transient``, booleans), in
+        one transaction — which, on SQLite, also ends the run's claim of them: a chunk is
+        finished once, its answers all given or the rest released."""
         with self.store.begin() as conn:
-            self._write(conn, job, list(zip(keys, states, transient, batches, outcomes)))
+            cols = (_flat(a) for a in (keys, states, transient, batches, outcomes))
+            self._write(conn, job, Answers(*cols))
             if self._chunked:
                 self._unclaim(conn, job)
             conn.execute(
                 runs.update().where(runs.c.run_id == self.run_id).values(heartbeat=time.time())
             )
 
-    def _write(
-        self,
-        conn: Connection,
-        job: str,
-        rows: list[tuple[str, str, bool, str | None, str | None]],
-        run_id: str | None = None,
-    ) -> None:
-        """Upsert entries (key, state, transient, batch, outcome) of this run (or another)."""
-        if not rows:
+    def _write(self, conn: Connection, job: str, rows: Answers, run_id: str | None = None) -> None:
+        """Upsert entries of this run (or another)."""
+        if not len(rows.keys):
             return
         run_id = run_id or self.run_id
         stamp = now()
@@ -355,23 +403,32 @@ class Ledger:
         cols = "INSERT INTO ledger (job, key, state, transient, run_id, batch, outcome, updated) "
         if self._dialect == "sqlite":
             # one statement per kind of answer (state, transient, outcome: most of a chunk
-            # shares one), the keys of each as one JSON parameter that SQLite unpacks in C;
-            # each element is "batch<US>key" (batch ids never hold the separator)
+            # shares one), its keys as one JSON parameter that SQLite unpacks in C; each
+            # element is "batch<US>key" (batch ids never hold the separator)
             sql = (
                 cols + "SELECT ?, substr(value, instr(value, char(31)) + 1), ?, ?, ?, "
                 "nullif(substr(value, 1, instr(value, char(31)) - 1), ''), ?, ? "
                 "FROM json_each(?) WHERE true" + upsert
             )
-            groups: dict[tuple[str, bool, str | None], list[str]] = {}
-            for k, st, t, b, o in rows:
-                groups.setdefault((st, bool(t), o), []).append(f"{b or ''}\x1f{k}")
+            items = pc.binary_join_element_wise(pc.fill_null(rows.batches, ""), rows.keys, "\x1f")
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            for (st, t, o), items in groups.items():
-                for i in range(0, len(items), _CHUNK):
-                    part = orjson.dumps(items[i : i + _CHUNK]).decode()
-                    cur.execute(sql, (job, st, int(t), run_id, o, stamp, part))
+            for (st, t, o), at in _groups(rows.states, rows.transient, rows.outcomes):
+                for i in range(0, at.size, _CHUNK):
+                    part = items.take(pa.array(at[i : i + _CHUNK])).to_pylist()
+                    cur.execute(
+                        sql, (job, st, int(bool(t)), run_id, o, stamp, orjson.dumps(part).decode())
+                    )
             return
-        params = [(job, k, s, bool(t), run_id, b, o, stamp) for k, s, t, b, o in rows]
+        params = [
+            (job, k, s, bool(t), run_id, b, o, stamp)
+            for k, s, t, b, o in zip(
+                rows.keys.to_pylist(),
+                rows.states.to_pylist(),
+                rows.transient.to_pylist(),
+                rows.batches.to_pylist(),
+                rows.outcomes.to_pylist(),
+            )
+        ]
         sql = cols + f"VALUES ({', '.join(['%s'] * 8)})" + upsert
         for i in range(0, len(params), _CHUNK):
             conn.exec_driver_sql(sql, params[i : i + _CHUNK])
@@ -461,7 +518,7 @@ class Ledger:
                     run_id, batch = owners[k]
                     by_run.setdefault(run_id, []).append((k, "doubt", False, batch, None))
                 for run_id, rows in by_run.items():
-                    self._write(conn, job, rows, run_id)
+                    self._write(conn, job, Answers.of(rows), run_id)
                 for run_id in sorted({r for r, _ in owners.values()}):
                     conn.execute(
                         claims.delete().where(claims.c.run_id == run_id, claims.c.job == job)
@@ -495,30 +552,33 @@ class Ledger:
         conn.execute(claims.delete().where(claims.c.run_id == self.run_id, claims.c.job == job))
 
 
-def log_platform(conn: Connection, job: str, keys: Sequence[str], outcomes: Sequence[str]) -> None:
+def log_platform(
+    conn: Connection, job: str, keys: Sequence[str], outcomes: Sequence[str] | pa.Array
+) -> None:
     """The simulated platform notes what it processed, in the same transaction as its state."""
     if not keys:
         return
+    said = outcomes if isinstance(outcomes, pa.Array) else pa.array(outcomes, pa.string())
     upsert = (
         " ON CONFLICT (job, key) DO UPDATE SET outcome = excluded.outcome, "
         "sends = platform_log.sends + 1"
     )
     if conn.engine.dialect.name == "sqlite":
         # one statement per distinct answer (a chunk has few), its keys as one JSON array
-        groups: dict[str, list[str]] = {}
-        for k, o in zip(keys, outcomes):
-            groups.setdefault(o, []).append(k)
+        key_col = pa.array(keys, pa.string())
+        same = pa.nulls(len(said), pa.string())
+        no = pa.array(np.zeros(len(said), bool))
         cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        for outcome, members in groups.items():
+        for (_, _, outcome), at in _groups(same, no, said):
             cur.execute(
                 "INSERT INTO platform_log (job, key, outcome, sends) "
                 "SELECT ?, value, ?, 1 FROM json_each(?) WHERE true" + upsert,
-                (job, outcome, orjson.dumps(members).decode()),
+                (job, outcome, orjson.dumps(key_col.take(pa.array(at)).to_pylist()).decode()),
             )
         return
     conn.exec_driver_sql(
         "INSERT INTO platform_log (job, key, outcome, sends) VALUES (%s, %s, %s, 1)" + upsert,
-        [(job, k, o) for k, o in zip(keys, outcomes)],
+        [(job, k, o) for k, o in zip(keys, said.to_pylist())],
     )
 
 

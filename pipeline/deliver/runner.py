@@ -60,9 +60,10 @@ class Chunk:
         sizes: np.ndarray = np.diff(self.starts)
         return sizes
 
-    def recipient_batches(self) -> list[str]:
-        """The batch id of every recipient."""
-        return np.repeat(np.array(self.ids(), dtype=object), self.sizes()).tolist()
+    def recipient_batch_column(self) -> pa.Array:
+        """The batch id of every recipient, as an array."""
+        at = np.repeat(np.arange(len(self.numbers)), self.sizes())
+        return pa.array(self.ids(), pa.string()).take(pa.array(at))
 
     def subset(self, keep: np.ndarray) -> Chunk:
         """The chunk without the recipients not kept (a batch left empty disappears)."""
@@ -197,19 +198,21 @@ def _deliver_chunk(
 ) -> pa.Table:
     if ledger is None:
         return conform(backend.deliver(chunk, files))
-    keys = chunk.rows.column("_lkey").to_pylist()
-    batches = chunk.recipient_batches()
+    key_col = chunk.rows.column("_lkey").combine_chunks()
+    batch_col = chunk.recipient_batch_column()
+    keys = key_col.to_pylist()
+    batches = batch_col.to_pylist()
     claimed, held, previous = ledger.claim(plan.name, keys, batches, resend)
     fault("after-claim")
     sent = chunk if claimed.all() else chunk.subset(claimed)
     try:
         got = conform(backend.deliver(sent, files)) if sent.rows.num_rows else None
     except DeliveryStopped as stop:
-        _stopped(ledger, plan, sent, keys, batches, claimed, stop)
+        _stopped(ledger, plan, sent, keys, key_col, batch_col, claimed, stop)
         raise
     fault("after-send")
     if got is not None:
-        _record(ledger, plan, got, keys, batches, np.flatnonzero(claimed).tolist())
+        _record(ledger, plan, got, key_col, batch_col, np.flatnonzero(claimed))
     if got is not None and previous:
         got = _note_resent(got, sent, previous, keys, claimed)
     if claimed.all():
@@ -248,7 +251,8 @@ def _stopped(
     plan: JobPlan,
     sent: Chunk,
     keys: list[str],
-    batches: list[str],
+    key_col: pa.Array,
+    batch_col: pa.Array,
     claimed: np.ndarray,
     stop: DeliveryStopped,
 ) -> None:
@@ -260,7 +264,7 @@ def _stopped(
         rec_pos = {r: i for i, r in enumerate(sent.rows.column("_rec").to_pylist())}
         at = [int(picked[rec_pos[r]]) for r in answered.column("_rec").to_pylist()]
         done = set(at)
-        _record(ledger, plan, answered, keys, batches, at)
+        _record(ledger, plan, answered, key_col, batch_col, np.array(at, dtype=np.int64))
     ledger.release(plan.name, [keys[i] for i in picked.tolist() if i not in done])
 
 
@@ -268,19 +272,20 @@ def _record(
     ledger: Ledger,
     plan: JobPlan,
     got: pa.Table,
-    keys: list[str],
-    batches: list[str],
-    at: list[int],
+    key_col: pa.Array,
+    batch_col: pa.Array,
+    at: np.ndarray,
 ) -> None:
     """Write the answers in ``got`` (for the chunk positions ``at``) to the ledger."""
-    status = got.column("status").to_pylist()
+    sel = pa.array(at, pa.int64())
+    failed = pc.equal(got.column("status").combine_chunks(), "failed")
     ledger.finish(
         plan.name,
-        [keys[i] for i in at],
-        ["failed" if s == "failed" else "completed" for s in status],
-        got.column("_transient").fill_null(False).to_pylist(),
-        [batches[i] for i in at],
-        outcome_json(got).to_pylist(),
+        key_col.take(sel),
+        pc.if_else(failed, "failed", "completed"),
+        got.column("_transient").combine_chunks().fill_null(False),
+        batch_col.take(sel),
+        outcome_json(got),
     )
 
 

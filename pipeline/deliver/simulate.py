@@ -90,12 +90,16 @@ class SimulateBackend:
         keys = self._keys(rows)
 
         def log(conn: Any, codes: list[MaestroResult], msgs: list[str | None]) -> None:
-            said: dict[tuple[MaestroResult, str | None], str] = {}  # few distinct answers
-            for c, m in zip(codes, msgs):
-                if (c, m) not in said:
-                    status = "completed" if c is MaestroResult.SUCCESS else "failed"
-                    said[c, m] = orjson.dumps({"status": status, **c.response(m)}).decode()
-            log_platform(conn, self.plan.name, keys, [said[c, m] for c, m in zip(codes, msgs)])
+            code_col = pa.array(codes, pa.string())
+            ok = pc.equal(code_col, MaestroResult.SUCCESS.value)
+            said = pc.binary_join_element_wise(
+                '{"status":"',
+                pc.if_else(ok, "completed", "failed"),
+                '",',
+                pc.utf8_slice_codeunits(_bodies(code_col, pa.array(msgs, pa.string())), 1),
+                "",
+            )
+            log_platform(conn, self.plan.name, keys, said)
 
         answer = evaluate_ondemand(
             self.cfg, self.plan, self.store, self._recip_columns(rows), log=log if keys else None
@@ -114,22 +118,11 @@ class SimulateBackend:
                 error=[err.error] * n,
                 time=[now] * n,
             )
-        codes = pa.array([c.value for c in answer.result], pa.string())
-        errors = pa.array([c.error or None for c in answer.result], pa.string())
+        codes = pa.array(answer.result, pa.string())  # a StrEnum member is its code
+        errors = _errors(codes)
         messages = pa.array(answer.message, pa.string())
         ok = pc.equal(codes, MaestroResult.SUCCESS.value)
-        # {"result":"SUCCESS"} or {"result":CODE,"error":TEXT[,"message":…]}, per recipient
-        body = pc.binary_join_element_wise(
-            '{"result":"',
-            codes,
-            '"',
-            pc.binary_join_element_wise(',"error":"', errors, '"', ""),
-            pc.binary_join_element_wise(',"message":', string_literal(messages, None), ""),
-            "}",
-            "",
-            null_handling="replace",
-            null_replacement="",
-        )
+        body = _bodies(codes, messages)
         commas = with_commas(body)
         offsets = np.frombuffer(commas.buffers()[1], dtype=np.int32)[
             commas.offset : commas.offset + n + 1
@@ -320,3 +313,27 @@ def _attempt(idx: list[int], answer: SendAnswer) -> dict[str, Any]:
     else:
         out["body"] = answer.body
     return out
+
+
+_CODES = pa.array([r.value for r in MaestroResult], pa.string())
+_ERROR_TEXTS = pa.array([r.error or None for r in MaestroResult], pa.string())
+
+
+def _errors(codes: pa.Array) -> pa.Array:
+    """Each result code's documented ``error`` text (none for SUCCESS)."""
+    return _ERROR_TEXTS.take(pc.index_in(codes, _CODES))
+
+
+def _bodies(codes: pa.Array, messages: pa.Array) -> pa.Array:
+    """{"result":"SUCCESS"} or {"result":CODE,"error":TEXT[,"message":…]}, per recipient."""
+    return pc.binary_join_element_wise(
+        '{"result":"',
+        codes,
+        '"',
+        pc.binary_join_element_wise(',"error":"', _errors(codes), '"', ""),
+        pc.binary_join_element_wise(',"message":', string_literal(messages, None), ""),
+        "}",
+        "",
+        null_handling="replace",
+        null_replacement="",
+    )
