@@ -1,4 +1,4 @@
-"""A set of record keys for one run that stays small: 24 bytes a key, numpy only.
+"""A set of record keys for one run whose memory does not grow with the keys: numpy only.
 
 A key is stored as two 64-bit numbers. Shop keys are mostly a fixed prefix and
 a number (``1001``, ``#1001``, ``ORD-1001``): those are stored exactly, as the
@@ -6,21 +6,30 @@ number and the prefix's id. Any other key is stored as two independent keyed
 SipHash values, so two different keys are taken for one only if both 64-bit
 hashes collide at once. Keys live in sorted runs that are merged as they grow
 (a log-structured set), so adding a batch costs O(batch · log n) and no Python
-object is kept per key.
+object is kept per key. Past ``SPILL_AT`` keys (3 MB), the runs go to disk
+(:mod:`pipeline.keyruns`): memory holds at most that many keys, the disk
+runs' fences and a fixed 8 MB filter, whether a run has a million keys or
+fifty.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrowutil import to_bool_np
+from pipeline.keyruns import BLOCK, RECORD, DiskRun, KeyFilter, RunWriter, lookup, merge_runs
 
 __all__ = ["KeyHasher", "SeenKeys"]
 
 _HASHED = np.uint64(1 << 63)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # marks h2 of a hashed key, apart from prefix ids
+SPILL_AT = 1 << 17  # keys kept in memory (3 MB) before they go to a sorted run on disk
+FANOUT = 8  # runs on disk of one level merged into one of the next
+FILTER_WORDS = 1 << 20  # the filter over the keys on disk: 8 MB
 _NOT_DIGITS = "".join(chr(c) for c in range(32, 127) if not chr(c).isdigit())
 
 
@@ -93,13 +102,52 @@ class KeyHasher:
 
 
 class SeenKeys:
-    """Which keys were seen, and where each was first seen (an int64 you choose)."""
+    """Which keys were seen, and where each was first seen (an int64 you choose).
 
-    def __init__(self) -> None:
+    At most ``spill_at`` keys stay in memory, in sorted runs merged as they
+    grow; then they go to disk as one sorted run (see :mod:`pipeline.keyruns`),
+    and runs on disk are merged ``fanout`` at a time. A key the in-memory runs
+    do not hold is looked up on disk only when the fixed-size filter over the
+    disk's keys says it may be there, so memory stays flat however many keys a
+    run has. ``spill_at``, ``block``, ``fanout`` and ``filter_words`` exist for
+    tests, which force spills with a few keys.
+    """
+
+    def __init__(
+        self,
+        scratch: str | os.PathLike[str] | None = None,
+        spill_at: int | None = None,
+        block: int = BLOCK,
+        fanout: int = FANOUT,
+        filter_words: int = FILTER_WORDS,
+    ) -> None:
         self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._in_memory = 0
+        self._disk: list[tuple[int, DiskRun]] = []  # (level, run)
+        self._filter: KeyFilter | None = None
+        self._filter_words = filter_words
+        self._scratch = scratch
+        self._spill_at = SPILL_AT if spill_at is None else spill_at
+        self._block = block
+        self._fanout = max(fanout, 2)
 
     def __len__(self) -> int:
-        return sum(r[0].size for r in self._runs)
+        return self._in_memory + sum(r.size for _, r in self._disk)
+
+    @property
+    def in_memory(self) -> int:
+        """Keys held in memory (the rest are on disk)."""
+        return self._in_memory
+
+    @property
+    def disk_runs(self) -> int:
+        return len(self._disk)
+
+    def close(self) -> None:
+        """Remove the runs on disk (the set is empty afterwards)."""
+        for _, run in self._disk:
+            run.close()
+        self._disk, self._runs, self._in_memory, self._filter = [], [], 0, None
 
     def add(self, h1: np.ndarray, h2: np.ndarray, where: np.ndarray) -> np.ndarray:
         """Add keys in order; return, per key, where it was first seen, or -1 if it is new.
@@ -120,9 +168,19 @@ class SeenKeys:
         head = np.maximum.accumulate(np.where(same_as_prev, 0, np.arange(n)))
         new = order[~same_as_prev]
         for r1, r2, rw in self._runs:
-            hit, at = _lookup(r1, r2, h1[new], h2[new])
+            hit, at = lookup(r1, r2, h1[new], h2[new])
             first[new[hit]] = rw[at[hit]]
             new = new[~hit]
+        if self._disk and new.size:
+            assert self._filter is not None
+            ask = new[self._filter.might_hold(h1[new], h2[new])]
+            for _, run in reversed(self._disk):
+                if ask.size == 0:
+                    break
+                hit, at_where = run.find(h1[ask], h2[ask])
+                first[ask[hit]] = at_where[hit]
+                ask = ask[~hit]
+            new = new[first[new] < 0]
         if new.size:
             self._push(h1[new], h2[new], where[new])
         # a repeat inside the batch points where its first instance does
@@ -135,34 +193,50 @@ class SeenKeys:
     def _push(self, h1: np.ndarray, h2: np.ndarray, where: np.ndarray) -> None:
         order = np.argsort(h1, kind="stable")
         self._runs.append((h1[order], h2[order], where[order]))
+        self._in_memory += h1.size
         while len(self._runs) > 1 and self._runs[-2][0].size <= 2 * self._runs[-1][0].size:
             a, b = self._runs.pop(), self._runs.pop()
-            h1m = np.concatenate((b[0], a[0]))
-            h2m = np.concatenate((b[1], a[1]))
-            wm = np.concatenate((b[2], a[2]))
-            order = np.argsort(h1m, kind="stable")
-            self._runs.append((h1m[order], h2m[order], wm[order]))
+            self._runs.append(_merged([b, a]))
+        if self._in_memory >= self._spill_at:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Every key in memory → one sorted run on disk; full levels merged into the next."""
+        runs, self._runs, self._in_memory = self._runs, [], 0
+        h1 = np.concatenate([r[0] for r in runs])
+        order = np.argsort(h1, kind="stable")
+        recs = np.empty(h1.size, dtype=RECORD)
+        recs["h1"] = h1[order]
+        del h1  # one column at a time: memory for the records and one more column
+        for i, name in ((1, "h2"), (2, "w")):
+            recs[name] = np.concatenate([r[i] for r in runs])[order]
+        del runs, order
+        if self._filter is None:
+            self._filter = KeyFilter(self._filter_words)
+        self._filter.add(recs["h1"], recs["h2"])
+        out = RunWriter(self._scratch, self._block)
+        out.write(recs)
+        del recs
+        self._disk.append((0, out.close()))
+        while True:
+            level = self._disk[-1][0]
+            same = [r for lv, r in self._disk if lv == level]
+            if len(same) < self._fanout:
+                break
+            merged = merge_runs(same, self._scratch, self._block)
+            for r in same:
+                r.close()
+            self._disk = [(lv, r) for lv, r in self._disk if lv != level] + [(level + 1, merged)]
 
 
-def _lookup(
-    r1: np.ndarray, r2: np.ndarray, q1: np.ndarray, q2: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each query, is (q1, q2) in the sorted run, and at which index."""
-    lo = np.searchsorted(r1, q1, side="left")
-    hi = np.searchsorted(r1, q1, side="right")
-    hit = np.zeros(q1.size, dtype=bool)
-    at = np.zeros(q1.size, dtype=np.int64)
-    cand = np.flatnonzero(hi > lo)
-    if cand.size == 0:
-        return hit, at
-    single = cand[hi[cand] - lo[cand] == 1]
-    ok = r2[lo[single]] == q2[single]
-    hit[single[ok]] = True
-    at[single[ok]] = lo[single[ok]]
-    # equal first hashes with different second ones: vanishingly rare, checked one by one
-    for i in cand[hi[cand] - lo[cand] > 1].tolist():
-        m = np.flatnonzero(r2[lo[i] : hi[i]] == q2[i])
-        if m.size:
-            hit[i] = True
-            at[i] = lo[i] + int(m[0])
-    return hit, at
+def _merged(
+    runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted runs (oldest first) → one, sorted by the first number (stable)."""
+    h1 = np.concatenate([r[0] for r in runs])
+    order = np.argsort(h1, kind="stable")
+    return (
+        h1[order],
+        np.concatenate([r[1] for r in runs])[order],
+        np.concatenate([r[2] for r in runs])[order],
+    )

@@ -19,6 +19,7 @@ record (``_primary``) carries its values; the others follow its outcome.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -127,7 +128,9 @@ class Normalizer:
 
     With a ``ledger``, records it already settled are ``ignored`` (carrying the
     earlier answer), unless ``resend``; with a ``window``, records created
-    outside it are ``ignored`` too.
+    outside it are ``ignored`` too. The run's record keys spill to unnamed
+    files in ``scratch`` (default: the system's temporary directory) past a
+    few hundred thousand; they are gone once :meth:`finish` has run.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Normalizer:
         ledger: Ledger | None = None,
         resend: bool = False,
         window: Window | None = None,
+        scratch: str | os.PathLike[str] | None = None,
     ) -> None:
         self.plan = plan
         self.inputs = inputs
@@ -148,7 +152,7 @@ class Normalizer:
         self._carry: pa.Table | None = None
         self._seq = 0
         self._rec = 0
-        self._seen = SeenKeys()
+        self._seen = SeenKeys(scratch)
         self._hasher = KeyHasher()
         self._used = {"email", "record_id", "record_key", "created_at", *PASSTHROUGH}
         self._used |= {f"f:{name}" for name in plan.fields}
@@ -174,6 +178,7 @@ class Normalizer:
         if self._carry is not None and self._carry.num_rows:
             table, self._carry = self._carry, None
             yield self._process(table)
+        self._seen.close()
 
     # -- grouping ----------------------------------------------------------------
 

@@ -191,3 +191,93 @@ def test_many_batches_random_numbers() -> None:
         got = seen.add(h1, h2, np.array(where, dtype=np.int64))
         assert got.tolist() == reference_add(ref, keys, where)
     assert len(seen) == len(ref)
+
+
+# -- SeenKeys past its memory: sorted runs on disk ------------------------------------
+
+# tiny thresholds so a few keys spill, fill blocks and merge levels; a filter of one
+# word answers "maybe" for nearly everything, so the exact lookups decide alone
+SPILLING = [
+    {"spill_at": 1, "block": 1, "fanout": 2, "filter_words": 1},
+    {"spill_at": 3, "block": 2, "fanout": 2, "filter_words": 2},
+    {"spill_at": 5, "block": 4, "fanout": 3, "filter_words": 1 << 10},
+]
+
+
+@pytest.mark.parametrize("opts", SPILLING)
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(seen_keys, max_size=12), max_size=12))
+def test_spilling_seen_keys_match_a_dict(
+    opts: dict[str, int], batches: list[list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    hasher = KeyHasher()
+    seen = SeenKeys(scratch=tmp_path_factory.getbasetemp(), **opts)
+    ref: dict[str, int] = {}
+    at = 1000
+    for keys in batches:
+        where = list(range(at, at + len(keys)))
+        at += len(keys) + 5
+        h1, h2 = hasher(pa.array(keys, pa.string()))
+        got = seen.add(h1, h2, np.array(where, dtype=np.int64))
+        assert got.tolist() == reference_add(ref, keys, where), keys
+        assert len(seen) == len(ref)
+        assert seen.in_memory < opts["spill_at"]
+    seen.close()
+
+
+@pytest.mark.parametrize("opts", SPILLING)
+def test_equal_first_numbers_across_spills_and_blocks(opts: dict[str, int]) -> None:
+    """Pairs that share h1 (as a hash collision would) land in runs on disk."""
+    seen = SeenKeys(**opts)
+    one, two = np.uint64(5), np.uint64(9)
+    for i, (a, b) in enumerate([(one, 1), (two, 1), (one, 2), (one, 3), (two, 2), (one, 4)]):
+        got = seen.add(np.array([a]), np.array([b], dtype=np.uint64), np.array([10 + i]))
+        assert got.tolist() == [-1]
+    assert seen.disk_runs > 0
+    h1 = np.array([one, two, one, one, two, one, one, two], dtype=np.uint64)
+    h2 = np.array([4, 2, 3, 2, 1, 1, 5, 5], dtype=np.uint64)
+    assert seen.add(h1, h2, np.arange(20, 28)).tolist() == [15, 14, 13, 12, 11, 10, -1, -1]
+    assert len(seen) == 8
+    seen.close()
+
+
+def test_a_key_seen_before_a_spill_is_a_repeat_after_it() -> None:
+    """The first instance wins wherever it is: in memory, on disk, merged or not."""
+    seen = SeenKeys(spill_at=4, block=2, fanout=2)
+    h = np.arange(1, 41, dtype=np.uint64)
+    zeros = np.zeros(40, dtype=np.uint64)
+    for i in range(10):  # ten batches of four new keys: ten spills, merged into levels
+        part = slice(4 * i, 4 * i + 4)
+        assert seen.add(h[part], zeros[part], np.arange(100 * i, 100 * i + 4)).tolist() == [-1] * 4
+    assert seen.in_memory == 0
+    assert 1 <= seen.disk_runs < 10
+    back = np.array([40, 1, 17, 4, 41, 40], dtype=np.uint64)
+    got = seen.add(back, np.zeros(6, np.uint64), np.arange(5000, 5006))
+    assert got.tolist() == [903, 0, 400, 3, -1, 903]
+    # the same numbers with another second number are other keys
+    other = seen.add(back[:3], np.ones(3, np.uint64), np.arange(6000, 6003))
+    assert other.tolist() == [-1, -1, -1]
+    assert len(seen) == 44
+
+
+def test_many_keys_stay_within_memory_and_match_a_dict() -> None:
+    """200,000 random keys, many repeats, through spills, merges and the filter."""
+    rng = np.random.default_rng(11)
+    seen = SeenKeys(spill_at=5000, block=64, fanout=3, filter_words=1 << 12)
+    ref: dict[tuple[int, int], int] = {}
+    at = 0
+    for _ in range(40):
+        n = int(rng.integers(1000, 9000))
+        h1 = rng.integers(0, 60000, n).astype(np.uint64)
+        h2 = (h1 % np.uint64(3)) * np.uint64(7)  # a second number of its own per key
+        where = np.arange(at, at + n, dtype=np.int64)
+        at += n
+        want = []
+        for k, w in zip(zip(h1.tolist(), h2.tolist()), where.tolist()):
+            want.append(ref.get(k, -1))
+            ref.setdefault(k, w)
+        assert seen.add(h1, h2, where).tolist() == want
+        assert seen.in_memory < 5000
+    assert len(seen) == len(ref)
+    assert seen.disk_runs >= 2
+    seen.close()

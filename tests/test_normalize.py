@@ -15,6 +15,7 @@ from conftest import small_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import keyset
 from pipeline.arrowutil import blank_to_null
 from pipeline.config import JobPlan, MailpipeConfig, ProfileField
 from pipeline.extract import PROVENANCE, FileStats, extract_file, extracted_schema, make_batch
@@ -537,6 +538,17 @@ def test_random_runs_follow_the_rules_whatever_the_batches(
     for members in by_group.values():
         outcome = {(r["_status"], r["_problem"], r["_rec"], r["email"]) for r in members}
         assert len(outcome) == 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs())
+def test_keys_on_disk_give_the_same_rows(run: tuple[list[list[Row]], list[list[int]]]) -> None:
+    """Every key spilled to disk at once: duplicates found there exactly as in memory."""
+    files, cuts = run
+    in_memory = feed_run(files, cuts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(keyset, "SPILL_AT", 1)
+        assert feed_run(files, cuts) == in_memory
 
 
 # -- real files ----------------------------------------------------------------------
