@@ -25,7 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -40,7 +43,7 @@ __all__ = [
     "verify_password",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SUBSCRIBER_STATES = ("subscribed", "pending", "unsubscribed", "bounced")
 _IN_CHUNK = 900
 _PBKDF2_ROUNDS = 100_000
@@ -69,6 +72,15 @@ subscribers = sa.Table(
     sqlite_with_rowid=False,
 )
 sa.Index("subscribers_by_email", subscribers.c.email_key)
+# the engine's lookup of a chunk's addresses reads only this narrow index, not the rows
+sa.Index(
+    "subscribers_state",
+    subscribers.c.list,
+    subscribers.c.email_key,
+    subscribers.c.state,
+    subscribers.c.bounces,
+    subscribers.c.suspended,
+)
 suppression = sa.Table(
     "suppression",
     metadata,
@@ -229,6 +241,11 @@ class Store:
             elif int(row[0]) < SCHEMA_VERSION:
                 if int(row[0]) < 2 and conn.dialect.name == "sqlite":
                     _claims_out_of_ledger(conn)
+                if int(row[0]) < 3:
+                    conn.exec_driver_sql(
+                        "CREATE INDEX IF NOT EXISTS subscribers_state ON subscribers "
+                        "(list, email_key, state, bounces, suspended)"
+                    )
                 conn.execute(
                     meta.update()
                     .where(meta.c.key == "schema_version")
@@ -269,38 +286,53 @@ class Store:
 
     def states(
         self, conn: Connection, list_name: str, keys: Sequence[str]
-    ) -> dict[str, tuple[str, int, bool]]:
-        """``email_key → (state, bounces, suspended)`` for the keys found on a list.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(state, bounces, suspended) of each key on a list, as arrays in the keys' order;
+        state None where the address is not on the list.
 
-        The engine's hot lookup: the keys go into a temporary table and one join
-        answers them all (SQLite), or one ``= ANY(array)`` query (PostgreSQL).
+        The engine's hot lookup, one query for all the keys: on SQLite they go in as
+        one JSON array (sorted, so neighbouring probes share pages) and each is one
+        probe of the narrow ``subscribers_state`` index, which holds all three values.
         """
-        if not keys:
-            return {}
+        n = len(keys)
+        state = np.full(n, None, dtype=object)
+        bounces = np.zeros(n, dtype=np.int64)
+        suspended = np.zeros(n, dtype=bool)
+        if not n:
+            return state, bounces, suspended
         dialect = self.engine.dialect.name
+        order = pc.sort_indices(pa.array(keys, pa.string())).to_numpy()
+        ordered = [keys[i] for i in order.tolist()]
         if dialect == "sqlite":
-            # the keys as one JSON array parameter; CROSS JOIN keeps them the outer loop,
-            # so each is one probe of the (list, email_key) index
-            # the DB-API cursor itself: this returns a row per known address of a chunk
+            # CROSS JOIN keeps the keys the outer loop; j.key is the position in the array
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             rows = cur.execute(
-                "SELECT s.email_key, s.state, s.bounces, s.suspended FROM json_each(?) j "
-                "CROSS JOIN subscribers s ON s.list = ? AND s.email_key = j.value",
-                (orjson.dumps(sorted(keys)).decode(), list_name),
+                "SELECT j.key, s.state, s.bounces, s.suspended FROM json_each(?) j "
+                "CROSS JOIN subscribers s INDEXED BY subscribers_state "
+                "ON s.list = ? AND s.email_key = j.value",
+                (orjson.dumps(ordered).decode(), list_name),
             ).fetchall()
         elif dialect == "postgresql":
             rows = conn.exec_driver_sql(
-                "SELECT email_key, state, bounces, suspended FROM subscribers "
-                "WHERE list = %(l)s AND email_key = ANY(%(k)s)",
-                {"l": list_name, "k": list(keys)},
+                "SELECT t.i - 1, s.state, s.bounces, s.suspended "
+                "FROM unnest(%(k)s::text[]) WITH ORDINALITY AS t(k, i) "
+                "JOIN subscribers s ON s.list = %(l)s AND s.email_key = t.k",
+                {"l": list_name, "k": ordered},
             ).fetchall()
         else:
-            found = self.subscribers_of(conn, [list_name], keys)
-            return {
-                k: (r["state"], int(r["bounces"]), bool(r["suspended"]))
-                for (_, k), r in found.items()
-            }
-        return {r[0]: (r[1], int(r[2]), bool(r[3])) for r in rows}
+            found = self.subscribers_of(conn, [list_name], ordered)
+            rows = [
+                (i, r["state"], r["bounces"], r["suspended"])
+                for i, k in enumerate(ordered)
+                if (r := found.get((list_name, k))) is not None
+            ]
+        if rows:
+            at, st, bo, su = zip(*rows)
+            where = order[np.asarray(at, dtype=np.int64)]
+            state[where] = st
+            bounces[where] = np.asarray(bo, dtype=np.int64)
+            suspended[where] = np.asarray(su, dtype=bool)
+        return state, bounces, suspended
 
     def put_subscribers(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert subscribers, replacing state and profile of those already there.

@@ -41,12 +41,12 @@ def test_schema_created_on_first_use_with_its_version(tmp_path: Path) -> None:
     }
     with store.begin() as conn:
         version = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version"))
-        assert version.scalar_one() == str(SCHEMA_VERSION) == "2"
+        assert version.scalar_one() == str(SCHEMA_VERSION) == "3"
     store.close()
     # opened again: the same version, one row
     store = Store(f"sqlite:///{path}")
     with store.begin() as conn:
-        assert conn.execute(sa.select(meta)).all() == [("schema_version", "2")]
+        assert conn.execute(sa.select(meta)).all() == [("schema_version", "3")]
     store.close()
 
 
@@ -63,14 +63,15 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MailpipeError) as info:
         Store(url)
     assert info.value.message == (
-        f"store sqlite:///{tmp_path}/s.db has schema version 3, "
-        "newer than this mailpipe (2); upgrade mailpipe"
+        f"store sqlite:///{tmp_path}/s.db has schema version 4, "
+        "newer than this mailpipe (3); upgrade mailpipe"
     )
 
 
 def test_a_version_1_store_is_migrated_and_its_pending_keys_stay_in_doubt(tmp_path: Path) -> None:
     """Version 1 kept claims as pending ledger rows (with an index by state); opened by
-    version 2, they become one claim per run and job, and the next run finds them."""
+    this version, they become one claim per run and job, which the next run finds, and
+    the subscribers get their lookup index."""
     import sqlite3
 
     from pipeline.ledger import Ledger
@@ -81,6 +82,7 @@ def test_a_version_1_store_is_migrated_and_its_pending_keys_stay_in_doubt(tmp_pa
     db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     db.execute("DROP TABLE claims")
     db.execute("CREATE INDEX ledger_by_state ON ledger (job, state)")
+    db.execute("DROP INDEX subscribers_state")
     db.executemany(
         "INSERT INTO ledger VALUES ('confirm', ?, ?, 0, ?, ?, NULL, '2026-11-01T00:00:00Z')",
         [
@@ -95,11 +97,12 @@ def test_a_version_1_store_is_migrated_and_its_pending_keys_stay_in_doubt(tmp_pa
     db.close()
     store = Store(f"sqlite:///{path}")
     with store.begin() as conn:
-        assert conn.execute(sa.select(meta.c.value)).scalar_one() == "2"
+        assert conn.execute(sa.select(meta.c.value)).scalar_one() == "3"
         states = conn.exec_driver_sql("SELECT key, state FROM ledger ORDER BY key").all()
         assert states == [("k:1", "completed")]
         indexes = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
-        assert "ledger_by_state" not in {n for (n,) in indexes}
+        names = {n for (n,) in indexes}
+        assert "ledger_by_state" not in names and "subscribers_state" in names
     doubt = Ledger(store, "new-run").in_doubt("confirm")
     assert sorted(doubt) == [
         ("k:2", "dead-run", "b-2"),

@@ -241,12 +241,7 @@ def _round(
 ) -> None:
     lst = plan.lst
     round_keys = keys[idx].tolist()
-    found = store.states(conn, plan.list_name, round_keys)
-    none = (None, 0, False)
-    looked = [found.get(k, none) for k in round_keys]
-    state = np.array([x[0] for x in looked], dtype=object)
-    bounces = np.array([x[1] for x in looked], dtype=np.int64)
-    suspended = np.array([x[2] for x in looked], dtype=bool)
+    state, bounces, suspended = store.states(conn, plan.list_name, round_keys)
     add = flag_on["ifNotExistsAddAndSend"][idx]
     update = flag_on["ifExistsDoUpdate"][idx]
     force = flag_on["ifExistsForceSending"][idx]
