@@ -20,6 +20,25 @@ def _prefer_jemalloc() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())  # absent from some builds
 
 
+def _one_malloc_arena() -> None:
+    """One glibc malloc arena for every thread, unless MALLOC_ARENA_MAX says otherwise.
+
+    The stage threads each got an arena of their own (up to 8 a core), and the
+    numpy temporaries freed in one stay there: peak RSS crept up with the rows
+    of a run (build on 1M rows: 346 MB, 318 MB with one arena, at the same CPU
+    time). Must run before any thread starts (pyarrow's too); a no-op without mallopt.
+    """
+    import os
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX (glibc)
+
+
 class _PandasLater:
     """An import finder that refuses pandas (see :func:`_defer_pandas`)."""
 
@@ -50,5 +69,6 @@ def _defer_pandas() -> None:
         sys.meta_path.remove(finder)
 
 
+_one_malloc_arena()
 _prefer_jemalloc()
 _defer_pandas()
