@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -46,6 +44,7 @@ __all__ = [
 SCHEMA_VERSION = 3
 SUBSCRIBER_STATES = ("subscribed", "pending", "unsubscribed", "bounced")
 _IN_CHUNK = 900
+_MAX_BOUNCES = 1 << 24  # a lookup reports bounce counts up to this
 _PBKDF2_ROUNDS = 100_000
 
 metadata = sa.MetaData()
@@ -301,18 +300,34 @@ class Store:
         if not n:
             return state, bounces, suspended
         dialect = self.engine.dialect.name
-        order = pc.sort_indices(pa.array(keys, pa.string())).to_numpy()
-        ordered = [keys[i] for i in order.tolist()]
+        # sorted keys: neighbouring probes share index pages (a third faster on SQLite)
+        order = sorted(range(n), key=keys.__getitem__)
+        ordered = [keys[i] for i in order]
         if dialect == "sqlite":
-            # CROSS JOIN keeps the keys the outer loop; j.key is the position in the array
+            # CROSS JOIN keeps the keys the outer loop, each one probe of the narrow index;
+            # the answer is one JSON array of integers, one a known key: its position in
+            # the array, its state's number, suspended and bounces packed above it
+            states = " ".join(f"WHEN '{v}' THEN {i}" for i, v in enumerate(SUBSCRIBER_STATES))
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            rows = cur.execute(
-                "SELECT j.key, s.state, s.bounces, s.suspended FROM json_each(?) j "
-                "CROSS JOIN subscribers s INDEXED BY subscribers_state "
+            (packed,) = cur.execute(
+                "SELECT json_group_array(j.key + 4294967296 * ("
+                f"CASE s.state {states} ELSE {len(SUBSCRIBER_STATES)} END "
+                f"+ 8 * (s.suspended != 0) + 16 * min(s.bounces, {_MAX_BOUNCES}))) "
+                "FROM json_each(?) j CROSS JOIN subscribers s INDEXED BY subscribers_state "
                 "ON s.list = ? AND s.email_key = j.value",
                 (orjson.dumps(ordered).decode(), list_name),
-            ).fetchall()
-        elif dialect == "postgresql":
+            ).fetchone()
+            got = np.array(orjson.loads(packed), dtype=np.int64)
+            if got.size:
+                where = np.array(order, dtype=np.int64)[got & 0xFFFFFFFF]
+                high = got >> 32
+                named = np.array([*SUBSCRIBER_STATES, "other"], dtype=object)
+                state[where] = named[high & 7]
+                suspended[where] = (high & 8) != 0
+                bounces[where] = high >> 4
+            return state, bounces, suspended
+        rows: Sequence[Sequence[Any]]
+        if dialect == "postgresql":
             rows = conn.exec_driver_sql(
                 "SELECT t.i - 1, s.state, s.bounces, s.suspended "
                 "FROM unnest(%(k)s::text[]) WITH ORDINALITY AS t(k, i) "
@@ -328,7 +343,7 @@ class Store:
             ]
         if rows:
             at, st, bo, su = zip(*rows)
-            where = order[np.asarray(at, dtype=np.int64)]
+            where = np.array(order, dtype=np.int64)[np.asarray(at, dtype=np.int64)]
             state[where] = st
             bounces[where] = np.asarray(bo, dtype=np.int64)
             suspended[where] = np.asarray(su, dtype=bool)

@@ -199,3 +199,69 @@ def test_dupes_are_reported_ignored_not_lost(tmp_path: Path, pg_url: str) -> Non
     (run,) = (tmp_path / "out").iterdir()
     rows = read_jsonl(run / "results.jsonl")
     assert [r["status"] for r in rows] == ["completed"] * 3 + ["ignored"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_engine_lookup_places_each_answer_at_its_key(
+    backend: str,
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """Store.states answers in the keys' order, on both databases: unknown keys None,
+    and a stored state, bounce count and suspension exactly as written."""
+    from pipeline.store import Store, email_key
+
+    store = Store(pg_url if backend == "postgresql" else f"sqlite:///{tmp_path}/s.db")
+    known = {
+        "b@x.example": ("subscribed", 0, False),
+        "a@x.example": ("unsubscribed", 3, False),
+        "d@x.example": ("bounced", 70000, True),
+        "c@x.example": ("pending", 0, True),
+    }
+    with store.begin() as conn:
+        store.put_subscribers(
+            conn,
+            [
+                {
+                    "list": "l",
+                    "email_key": email_key(k),
+                    "email": k,
+                    "state": st,
+                    "bounces": b,
+                    "suspended": su,
+                    "profile": "{}",
+                }
+                for k, (st, b, su) in known.items()
+            ]
+            + [
+                {
+                    "list": "other",
+                    "email_key": "z@x.example",
+                    "email": "z@x.example",
+                    "state": "subscribed",
+                    "profile": "{}",
+                }
+            ],
+        )
+    asked = [
+        "z@x.example",
+        "d@x.example",
+        "nobody@x.example",
+        "a@x.example",
+        "c@x.example",
+        "b@x.example",
+    ]
+    with store.begin() as conn:
+        state, bounces, suspended = store.states(conn, "l", asked)
+    got = [
+        None if s is None else (s, int(b), bool(u)) for s, b, u in zip(state, bounces, suspended)
+    ]
+    assert got == [
+        None,
+        known["d@x.example"],
+        None,
+        known["a@x.example"],
+        known["c@x.example"],
+        known["b@x.example"],
+    ]
+    store.close()
