@@ -373,15 +373,28 @@ class Store:
             "password_hash",
             "updated",
         )
-        sql = (
-            f"INSERT INTO subscribers ({', '.join(cols)}) VALUES "
-            f"({', '.join([mark] * len(cols))}) ON CONFLICT (list, email_key) DO UPDATE SET "
-            + ", ".join(
-                f"{c} = excluded.{c}"
-                for c in ("email", "state", "bounces", "suspended", "profile", "updated")
-            )
+        upsert = " ON CONFLICT (list, email_key) DO UPDATE SET " + ", ".join(
+            f"{c} = excluded.{c}"
+            for c in ("email", "state", "bounces", "suspended", "profile", "updated")
         )
         stamp = now()
+        if dialect == "sqlite":
+            # the rows as one JSON parameter (orjson writes the dicts in C), unpacked by
+            # SQLite and inserted in key order (neighbouring index pages)
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cur.execute(
+                f"INSERT INTO subscribers ({', '.join(cols)}) SELECT "
+                "value ->> 'list', value ->> 'email_key', value ->> 'email', value ->> 'state', "
+                "coalesce(value ->> 'bounces', 0), coalesce(value ->> 'suspended', 0), "
+                "coalesce(value ->> 'profile', '{}'), value ->> 'password_hash', ? "
+                "FROM json_each(?) ORDER BY 1, 2" + upsert,
+                (stamp, orjson.dumps(rows).decode()),
+            )
+            return
+        sql = (
+            f"INSERT INTO subscribers ({', '.join(cols)}) VALUES "
+            f"({', '.join([mark] * len(cols))})" + upsert
+        )
         # plain tuples through the driver, in key order (neighbouring index pages)
         params = sorted(
             (
