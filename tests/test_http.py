@@ -680,3 +680,33 @@ def test_a_released_request_lets_the_requests_after_it_start() -> None:
     out, stop = asyncio.run(run_in_order([[], [0]], send))
     assert out == [0, 1] and stop is None
     assert log.index("start 1") < log.index("end 0")
+
+
+def test_the_sandbox_store_is_checkpointed_by_a_thread_not_by_commits(tmp_path: Path) -> None:
+    import time
+
+    from pipeline.sandbox.checkpoint import Checkpointer
+    from pipeline.store import Store
+
+    path = tmp_path / "box.db"
+    store = Store(f"sqlite:///{path}")
+    checkpointer = Checkpointer(store, every=0.05)
+
+    def in_the_database_file() -> bool:  # immutable: reads the file, not the log
+        with sqlite3.connect(f"file:{path}?immutable=1", uri=True) as db:
+            found = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 't'")
+            return bool(found.fetchone()[0])
+
+    with store.begin() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        conn.exec_driver_sql("CREATE TABLE t (x)")
+    assert not in_the_database_file()
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not in_the_database_file():
+            assert time.monotonic() < deadline, "no checkpoint within 5 s"
+            time.sleep(0.02)
+    finally:
+        checkpointer.stop()
+        store.close()

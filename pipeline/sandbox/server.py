@@ -55,6 +55,7 @@ from pipeline.errors import MaestroResult, YesmailStatus
 from pipeline.payloads.maestro_subscribe import SUBSCRIBE_PATH
 from pipeline.payloads.yesmail import SEND_PATH
 from pipeline.rundir import now_iso
+from pipeline.sandbox.checkpoint import Checkpointer
 from pipeline.sandbox.credentials import Credentials, env_lines, load_credentials
 from pipeline.sandbox.inboxfirst import MailingLists, Refused, envelope
 from pipeline.store import Store
@@ -88,7 +89,7 @@ class _Aggregator(Generic[T, R]):
         self,
         run: Callable[[list[T]], list[R]],
         engine: Callable[..., Awaitable[Any]],
-        limit: int = 8192,
+        limit: int = 3072,
     ) -> None:
         self.run = run
         self.engine = engine
@@ -205,6 +206,7 @@ class Sandbox:
         self.cfg = cfg
         self.options = options or SandboxOptions()
         self.store = Store(cfg.store.url)
+        self.checkpointer = Checkpointer(self.store)
         if cfg.simulate.mail_jobs:
             self.store.sync_mail_jobs(dict(cfg.simulate.mail_jobs))
         self.creds: Credentials = load_credentials(self.store, cfg)
@@ -260,6 +262,7 @@ class Sandbox:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024)
         await site.start()
+        self.checkpointer.start()
         bound = self._runner.addresses[0][1]
         shown = f"[{host}]" if ":" in host else host
         self.base = f"http://{shown}:{bound}"
@@ -270,6 +273,7 @@ class Sandbox:
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.checkpointer.stop()
         self.store.close()
 
     def env(self, base: str | None = None) -> list[tuple[str, str]]:
