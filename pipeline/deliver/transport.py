@@ -103,10 +103,14 @@ class Transport:
         self.slots = asyncio.Semaphore(cfg.concurrency)
         self.limiter = _RateLimiter(cfg.rate)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.concurrency),
+            # self.slots bounds the requests, hence the connections: the connector's own
+            # limit would only repeat the count for every request
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=cfg.timeout),
             skip_auto_headers=("User-Agent",),
             headers={"User-Agent": "mailpipe"},
+            # the platforms authenticate every call by token, key or Basic auth: no cookies
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
@@ -136,61 +140,82 @@ class Transport:
         :class:`~pipeline.errors.DeliveryStopped` when no connection could be made.
         """
         target = URL(url, encoded=True)
-        name = f"{method} {self.redact(shown or url)}"
+        attempt = 1
+        # the policy's loop (RetryPolicy.acall) written out: no closures per request, and
+        # the message's name of the URL only made when something went wrong
+        while True:
+            try:
+                return await self._attempt(method, target, url, shown, headers, data)
+            except _Retry as e:
+                if attempt >= self.policy.attempts:
+                    raise self._gave_up(e) from None
+                if events is not None:
+                    events.append(retrying_event(self.redact(str(e)), now_iso()))
+                await asyncio.sleep(self.policy.delay(attempt, e.retry_after))
+                attempt += 1
 
-        def on_retry(attempt: int, exc: BaseException) -> None:
-            if events is not None:
-                events.append(retrying_event(self.redact(str(exc)), now_iso()))
-
-        async def attempt() -> Response:
-            async with self.slots:
-                await self.limiter.wait()
-                try:
-                    async with self.session.request(
-                        method, target, headers=headers, data=data, allow_redirects=False
-                    ) as resp:
-                        body = await resp.read()
-                        answer = Response(resp.status, resp.headers, body)
-                except aiohttp.ClientConnectorError as e:
-                    raise _Retry(
-                        f"cannot connect for {name} ({type(e).__name__}: {e.os_error})",
-                        code="connect",
-                        retry_after=None,
-                    ) from None
-                except TimeoutError:
-                    raise _Retry(
-                        f"no answer to {name} within {self.cfg.timeout:g} s",
-                        code="timeout",
-                        retry_after=None,
-                    ) from None
-                except (aiohttp.ClientError, ConnectionError) as e:
-                    raise _Retry(
-                        f"{type(e).__name__} during {name}", code="connection", retry_after=None
-                    ) from None
-            if answer.status == 429 or answer.status >= 500:
-                err = _Retry(
-                    f"HTTP {answer.status} from {name}",
-                    code=answer.status,
-                    retry_after=retry_after(answer.headers.get("Retry-After")),
-                )
-                err.response = answer
-                raise err
-            return answer
-
-        try:
-            return await self.policy.acall(attempt, on_retry)
-        except _Retry as e:
-            tries = self.policy.attempts
-            if e.code == "connect":
-                raise DeliveryStopped(
-                    self.redact(f"{e.message} after {tries} attempts; is the server running?"),
+    async def _attempt(
+        self,
+        method: str,
+        target: URL,
+        url: str,
+        shown: str | None,
+        headers: Mapping[str, str] | None,
+        data: bytes | None,
+    ) -> Response:
+        """One try: the answer, or :class:`_Retry` for what is transient."""
+        async with self.slots:
+            await self.limiter.wait()
+            try:
+                async with self.session.request(
+                    method, target, headers=headers, data=data, allow_redirects=False
+                ) as resp:
+                    answer = Response(resp.status, resp.headers, await resp.read())
+            except aiohttp.ClientConnectorError as e:
+                raise _Retry(
+                    f"cannot connect for {self._name(method, url, shown)} "
+                    f"({type(e).__name__}: {e.os_error})",
                     code="connect",
-                    transient=True,
+                    retry_after=None,
                 ) from None
-            message = f"{e.message} after {tries} attempts"
-            if e.response is not None and e.response.body:
-                message += f": {truncate(e.response.body)}"
-            raise DeliveryError(self.redact(message), code=e.code, transient=True) from None
+            except TimeoutError:
+                raise _Retry(
+                    f"no answer to {self._name(method, url, shown)} within {self.cfg.timeout:g} s",
+                    code="timeout",
+                    retry_after=None,
+                ) from None
+            except (aiohttp.ClientError, ConnectionError) as e:
+                raise _Retry(
+                    f"{type(e).__name__} during {self._name(method, url, shown)}",
+                    code="connection",
+                    retry_after=None,
+                ) from None
+        if answer.status == 429 or answer.status >= 500:
+            err = _Retry(
+                f"HTTP {answer.status} from {self._name(method, url, shown)}",
+                code=answer.status,
+                retry_after=retry_after(answer.headers.get("Retry-After")),
+            )
+            err.response = answer
+            raise err
+        return answer
+
+    def _name(self, method: str, url: str, shown: str | None) -> str:
+        return f"{method} {self.redact(shown or url)}"
+
+    def _gave_up(self, e: _Retry) -> DeliveryError:
+        """What the last transient failure becomes once every attempt is spent."""
+        tries = self.policy.attempts
+        if e.code == "connect":
+            return DeliveryStopped(
+                self.redact(f"{e.message} after {tries} attempts; is the server running?"),
+                code="connect",
+                transient=True,
+            )
+        message = f"{e.message} after {tries} attempts"
+        if e.response is not None and e.response.body:
+            message += f": {truncate(e.response.body)}"
+        return DeliveryError(self.redact(message), code=e.code, transient=True)
 
 
 def json_headers(extra: Mapping[str, str] | None = None) -> dict[str, Any]:
