@@ -1,5 +1,5 @@
 """``python -m pipeline``: the same as the ``mailpipe`` command."""
 
-from pipeline.cli import main
+from pipeline.cli import entry
 
-main()
+entry()

@@ -607,9 +607,38 @@ def _register_commands() -> None:
         importlib.import_module(name).register(main)
 
 
+def entry() -> None:
+    """The program (``python -m pipeline``): :func:`main`, then exit without the teardown.
+
+    Once the command is done and the atexit handlers have run, freeing every
+    module and object one by one only costs time (0.1 s a run, 3% of a build
+    of a million rows). The exit code is the command's.
+    """
+    import atexit
+
+    code = [EXIT_INTERNAL]
+
+    def leave() -> None:  # registered first, so it runs after every other handler
+        import contextlib
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code[0])
+
+    atexit.register(leave)
+    try:
+        main()
+    except SystemExit as e:
+        code[0] = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        raise
+    code[0] = EXIT_OK
+
+
 if __name__ == "__main__":  # pragma: no cover
     # ``python -m pipeline.cli``: run the importable copy, whose commands are registered
-    from pipeline.cli import main as _registered
+    from pipeline.cli import entry as _registered
 
     _registered()
 else:
