@@ -76,25 +76,19 @@ class Entry:
 
 @dataclass(frozen=True)
 class Answers:
-    """Entries to write, as columns: key, state, transient (booleans), batch, outcome."""
+    """Entries to write, as columns: key, state, transient (booleans), outcome. (A settled
+    entry keeps its answer, not its batch: the batch matters while the key is pending.)"""
 
     keys: pa.Array
     states: pa.Array
     transient: pa.Array
-    batches: pa.Array
     outcomes: pa.Array
 
     @classmethod
-    def of(cls, rows: Sequence[tuple[str, str, bool, str | None, str | None]]) -> Answers:
-        k, s, t, b, o = zip(*rows) if rows else ((),) * 5
+    def of(cls, rows: Sequence[tuple[str, str, bool, str | None]]) -> Answers:
+        k, s, t, o = zip(*rows) if rows else ((),) * 4
         text = pa.string()
-        return cls(
-            pa.array(k, text),
-            pa.array(s, text),
-            pa.array(t, pa.bool_()),
-            pa.array(b, text),
-            pa.array(o, text),
-        )
+        return cls(pa.array(k, text), pa.array(s, text), pa.array(t, pa.bool_()), pa.array(o, text))
 
 
 def _flat(a: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -373,14 +367,13 @@ class Ledger:
         keys: pa.Array | pa.ChunkedArray,
         states: pa.Array | pa.ChunkedArray,
         transient: pa.Array | pa.ChunkedArray,
-        batches: pa.Array | pa.ChunkedArray,
         outcomes: pa.Array | pa.ChunkedArray,
     ) -> None:
         """Record the answers of sent keys (string arrays but ``transient``, booleans), in
         one transaction — which, on SQLite, also ends the run's claim of them: a chunk is
         finished once, its answers all given or the rest released."""
         with self.store.begin() as conn:
-            cols = (_flat(a) for a in (keys, states, transient, batches, outcomes))
+            cols = (_flat(a) for a in (keys, states, transient, outcomes))
             self._write(conn, job, Answers(*cols))
             if self._chunked:
                 self._unclaim(conn, job)
@@ -403,29 +396,23 @@ class Ledger:
         cols = "INSERT INTO ledger (job, key, state, transient, run_id, batch, outcome, updated) "
         if self._dialect == "sqlite":
             # one statement per kind of answer (state, transient, outcome: most of a chunk
-            # shares one), its keys as one JSON parameter that SQLite unpacks in C; each
-            # element is "batch<US>key" (batch ids never hold the separator)
-            sql = (
-                cols + "SELECT ?, substr(value, instr(value, char(31)) + 1), ?, ?, ?, "
-                "nullif(substr(value, 1, instr(value, char(31)) - 1), ''), ?, ? "
-                "FROM json_each(?) WHERE true" + upsert
-            )
-            items = pc.binary_join_element_wise(pc.fill_null(rows.batches, ""), rows.keys, "\x1f")
+            # shares one), its keys as one JSON parameter that SQLite unpacks in C
+            pick = "SELECT ?, value, ?, ?, ?, NULL, ?, ? FROM json_each(?) WHERE true"
+            sql = cols + pick + upsert
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             for (st, t, o), at in _groups(rows.states, rows.transient, rows.outcomes):
                 for i in range(0, at.size, _CHUNK):
-                    part = items.take(pa.array(at[i : i + _CHUNK])).to_pylist()
+                    part = rows.keys.take(pa.array(at[i : i + _CHUNK])).to_pylist()
                     cur.execute(
                         sql, (job, st, int(bool(t)), run_id, o, stamp, orjson.dumps(part).decode())
                     )
             return
         params = [
-            (job, k, s, bool(t), run_id, b, o, stamp)
-            for k, s, t, b, o in zip(
+            (job, k, s, bool(t), run_id, None, o, stamp)
+            for k, s, t, o in zip(
                 rows.keys.to_pylist(),
                 rows.states.to_pylist(),
                 rows.transient.to_pylist(),
-                rows.batches.to_pylist(),
                 rows.outcomes.to_pylist(),
             )
         ]
@@ -508,15 +495,13 @@ class Ledger:
         with self.store.begin() as conn:
             stamp = now()
             if self._chunked:
-                by_run: dict[str, list[tuple[str, str, bool, str | None, str | None]]] = {}
+                by_run: dict[str, list[tuple[str, str, bool, str | None]]] = {}
                 for k, (st, t, o) in decided.items():
-                    run_id, batch = owners[k]
-                    by_run.setdefault(run_id, []).append(
-                        (k, st, t, batch, orjson.dumps(o).decode() if o else None)
+                    by_run.setdefault(owners[k][0], []).append(
+                        (k, st, t, orjson.dumps(o).decode() if o else None)
                     )
                 for k in skipped:
-                    run_id, batch = owners[k]
-                    by_run.setdefault(run_id, []).append((k, "doubt", False, batch, None))
+                    by_run.setdefault(owners[k][0], []).append((k, "doubt", False, None))
                 for run_id, rows in by_run.items():
                     self._write(conn, job, Answers.of(rows), run_id)
                 for run_id in sorted({r for r, _ in owners.values()}):

@@ -125,7 +125,7 @@ ledger = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),  # pending | completed | failed | doubt
     sa.Column("transient", sa.Boolean, nullable=False, default=False),
     sa.Column("run_id", sa.String(64), nullable=False),
-    sa.Column("batch", sa.String(64)),
+    sa.Column("batch", sa.String(64)),  # while pending (PostgreSQL; SQLite: in claims)
     sa.Column("outcome", sa.Text),  # the documented answer, as JSON
     sa.Column("updated", sa.String(32), nullable=False),
     sqlite_with_rowid=False,

@@ -199,20 +199,19 @@ def _deliver_chunk(
     if ledger is None:
         return conform(backend.deliver(chunk, files))
     key_col = chunk.rows.column("_lkey").combine_chunks()
-    batch_col = chunk.recipient_batch_column()
     keys = key_col.to_pylist()
-    batches = batch_col.to_pylist()
+    batches = chunk.recipient_batch_column().to_pylist()
     claimed, held, previous = ledger.claim(plan.name, keys, batches, resend)
     fault("after-claim")
     sent = chunk if claimed.all() else chunk.subset(claimed)
     try:
         got = conform(backend.deliver(sent, files)) if sent.rows.num_rows else None
     except DeliveryStopped as stop:
-        _stopped(ledger, plan, sent, keys, key_col, batch_col, claimed, stop)
+        _stopped(ledger, plan, sent, keys, key_col, claimed, stop)
         raise
     fault("after-send")
     if got is not None:
-        _record(ledger, plan, got, key_col, batch_col, np.flatnonzero(claimed))
+        _record(ledger, plan, got, key_col, np.flatnonzero(claimed))
     if got is not None and previous:
         got = _note_resent(got, sent, previous, keys, claimed)
     if claimed.all():
@@ -252,7 +251,6 @@ def _stopped(
     sent: Chunk,
     keys: list[str],
     key_col: pa.Array,
-    batch_col: pa.Array,
     claimed: np.ndarray,
     stop: DeliveryStopped,
 ) -> None:
@@ -264,7 +262,7 @@ def _stopped(
         rec_pos = {r: i for i, r in enumerate(sent.rows.column("_rec").to_pylist())}
         at = [int(picked[rec_pos[r]]) for r in answered.column("_rec").to_pylist()]
         done = set(at)
-        _record(ledger, plan, answered, key_col, batch_col, np.array(at, dtype=np.int64))
+        _record(ledger, plan, answered, key_col, np.array(at, dtype=np.int64))
     ledger.release(plan.name, [keys[i] for i in picked.tolist() if i not in done])
 
 
@@ -273,7 +271,6 @@ def _record(
     plan: JobPlan,
     got: pa.Table,
     key_col: pa.Array,
-    batch_col: pa.Array,
     at: np.ndarray,
 ) -> None:
     """Write the answers in ``got`` (for the chunk positions ``at``) to the ledger."""
@@ -284,7 +281,6 @@ def _record(
         key_col.take(sel),
         pc.if_else(failed, "failed", "completed"),
         got.column("_transient").combine_chunks().fill_null(False),
-        batch_col.take(sel),
         outcome_json(got),
     )
 
