@@ -262,24 +262,29 @@ class Ledger:
             live = self.live_runs(conn) if existing else set()
             held: dict[str, Entry] = {}
             previous: dict[str, Entry] = {}
-            for i, k in enumerate(keys):
-                e = existing.get(k)
-                if e is None or e.run_id == self.run_id:
+            # most chunks are new keys only: then the claim is the chunk as it is
+            pos = {k: i for i, k in enumerate(keys)} if existing else {}
+            for k, e in existing.items():
+                if e.run_id == self.run_id:
                     continue
                 if e.held(resend, live):
-                    claimed[i] = False
+                    claimed[pos[k]] = False
                     held[k] = e
                 else:
                     previous[k] = e
-            mine = [(k, b) for k, b, c in zip(keys, batches, claimed.tolist()) if c]
-            if mine:
+            if held:
+                mine = np.flatnonzero(claimed).tolist()
+                members = [[keys[i] for i in mine], [batches[i] for i in mine]]
+            else:
+                members = [list(keys), list(batches)]
+            if members[0]:
                 self._seq += 1
                 conn.execute(
                     claims.insert().values(
                         run_id=self.run_id,
                         job=job,
                         seq=self._seq,
-                        members=orjson.dumps([[k for k, _ in mine], [b for _, b in mine]]).decode(),
+                        members=orjson.dumps(members).decode(),
                     )
                 )
         return claimed, held, previous
