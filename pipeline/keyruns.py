@@ -27,11 +27,12 @@ from typing import IO
 
 import numpy as np
 
-__all__ = ["RECORD", "DiskRun", "KeyFilter", "RunWriter", "lookup", "merge_runs"]
+__all__ = ["RECORD", "DiskRun", "KeyFilter", "RunWriter", "lookup", "merge_runs", "records"]
 
 RECORD = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("w", "<i8")])
 BLOCK = 1024  # records from one fence to the next, at least (24 KB)
 READ_RECORDS = 1 << 16  # records read at once, at most (1.5 MB), unless one block is bigger
+MERGE_RECORDS = 1 << 14  # records held from all the runs a merge reads (384 KB)
 _GAP = 4  # blocks between two wanted ones read rather than skipped with another call
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -163,17 +164,27 @@ class RunWriter:
         return DiskRun(self._fh, self._size, fences, starts)
 
 
+def records(h1: np.ndarray, h2: np.ndarray, w: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """A sorted run held as three columns, as records, ``size`` at a time."""
+    for start in range(0, h1.size, size):
+        stop = min(start + size, h1.size)
+        recs = np.empty(stop - start, dtype=RECORD)
+        recs["h1"], recs["h2"], recs["w"] = h1[start:stop], h2[start:stop], w[start:stop]
+        yield recs
+
+
 def merge_runs(
-    runs: Sequence[DiskRun], scratch: str | os.PathLike[str] | None, block: int = BLOCK
+    feeds: Sequence[Iterator[np.ndarray]],
+    scratch: str | os.PathLike[str] | None,
+    block: int = BLOCK,
 ) -> DiskRun:
-    """One sorted run of all the records of ``runs``, read and written a piece at a time.
+    """One run on disk of the sorted runs that ``feeds`` give a piece at a time.
 
     Each round takes, from every run's current piece, the records up to the
-    smallest last ``h1`` among the pieces: nothing read later can sort before it.
+    smallest last ``h1`` among the pieces: nothing read later can sort before
+    it. Memory: a piece of each run, and one round's records twice.
     """
     out = RunWriter(scratch, block)
-    size = max(READ_RECORDS // max(len(runs), 1), block)
-    feeds = [r.pieces(size) for r in runs]
     empty = np.empty(0, dtype=RECORD)
     held = [next(f, empty) for f in feeds]
     while live := [i for i, p in enumerate(held) if p.size]:

@@ -21,7 +21,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrowutil import to_bool_np
-from pipeline.keyruns import BLOCK, RECORD, DiskRun, KeyFilter, RunWriter, lookup, merge_runs
+from pipeline.keyruns import (
+    BLOCK,
+    MERGE_RECORDS,
+    DiskRun,
+    KeyFilter,
+    lookup,
+    merge_runs,
+    records,
+)
 
 __all__ = ["KeyHasher", "SeenKeys"]
 
@@ -201,29 +209,28 @@ class SeenKeys:
             self._spill()
 
     def _spill(self) -> None:
-        """Every key in memory → one sorted run on disk; full levels merged into the next."""
+        """Every key in memory → one sorted run on disk; full levels merged into the next.
+
+        Both write a merge of sorted runs a piece at a time: a spill holds no
+        second copy of the keys, a merge of runs on disk a few hundred KB.
+        """
         runs, self._runs, self._in_memory = self._runs, [], 0
-        h1 = np.concatenate([r[0] for r in runs])
-        order = np.argsort(h1, kind="stable")
-        recs = np.empty(h1.size, dtype=RECORD)
-        recs["h1"] = h1[order]
-        del h1  # one column at a time: memory for the records and one more column
-        for i, name in ((1, "h2"), (2, "w")):
-            recs[name] = np.concatenate([r[i] for r in runs])[order]
-        del runs, order
         if self._filter is None:
             self._filter = KeyFilter(self._filter_words)
-        self._filter.add(recs["h1"], recs["h2"])
-        out = RunWriter(self._scratch, self._block)
-        out.write(recs)
-        del recs
-        self._disk.append((0, out.close()))
+        size = max(MERGE_RECORDS // len(runs), self._block)
+        for h1, h2, _ in runs:
+            for at in range(0, h1.size, size):
+                self._filter.add(h1[at : at + size], h2[at : at + size])
+        feeds = [records(*r, size) for r in runs]
+        del runs
+        self._disk.append((0, merge_runs(feeds, self._scratch, self._block)))
         while True:
             level = self._disk[-1][0]
             same = [r for lv, r in self._disk if lv == level]
             if len(same) < self._fanout:
                 break
-            merged = merge_runs(same, self._scratch, self._block)
+            size = max(MERGE_RECORDS // len(same), self._block)
+            merged = merge_runs([r.pieces(size) for r in same], self._scratch, self._block)
             for r in same:
                 r.close()
             self._disk = [(lv, r) for lv, r in self._disk if lv != level] + [(level + 1, merged)]
