@@ -18,6 +18,7 @@ for its secrets::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -35,6 +36,12 @@ _SECRET_KEY = "sandbox_secret"
 INBOXFIRST_USER = "1"  # the documents' Basic-auth user id
 
 
+@functools.lru_cache(maxsize=64)
+def _derive(secret: str, purpose: str, size: int) -> str:
+    """One credential; cached: every request to the sandbox checks one."""
+    return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()[:size]
+
+
 @dataclass(frozen=True)
 class Credentials:
     """The sandbox's secrets, all derived from one store secret."""
@@ -43,7 +50,7 @@ class Credentials:
     api_user: str
 
     def _derive(self, purpose: str, size: int = 40) -> str:
-        return hmac.new(self.secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()[:size]
+        return _derive(self.secret, purpose, size)
 
     def token(self, job: str) -> str:
         """The security token of an on-demand job's trigger URL."""
