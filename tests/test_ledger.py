@@ -314,3 +314,52 @@ def test_backfill_refuses_bad_dates(setup: dict[str, Any]) -> None:
         ]
     )
     assert backwards.exit_code == 2 and "later than --since" in backwards.stderr
+
+
+def test_a_claim_on_sqlite_holds_its_keys_until_finished(tmp_path: Path) -> None:
+    """On SQLite a chunk's claim is one row, not a pending entry per key. While the
+    claiming run lives, another ledger sees its keys pending and cannot claim them;
+    once it finishes they are settled; if it dies unfinished they are in doubt."""
+    import pyarrow as pa
+
+    from pipeline.ledger import Ledger
+    from pipeline.store import Store, runs
+
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    first, second = Ledger(store, "run-a"), Ledger(store, "run-b")
+    first.start()
+    second.start()
+    keys = ["k:1", "k:2", "k:3"]
+    claimed, held, _ = first.claim("confirm", keys, ["b-1", "b-1", "b-2"])
+    assert claimed.tolist() == [True, True, True] and not held
+    # the other run sees them pending in run-a, claims only the new key
+    assert {k: e.state for k, e in second.lookup("confirm", [*keys, "k:4"]).items()} == {
+        k: "pending" for k in keys
+    }
+    got, held, _ = second.claim("confirm", ["k:2", "k:4"], ["c-1", "c-1"])
+    assert got.tolist() == [False, True] and held["k:2"].run_id == "run-a"
+    assert second.in_doubt("confirm") == []  # run-a still beats
+    first.finish(
+        "confirm",
+        pa.array(keys[:2]),
+        pa.array(["completed", "failed"]),
+        pa.array([False, True]),
+        pa.array(['{"status":"completed","result":"SUCCESS"}', None]),
+    )
+    # finishing ends the chunk's claim: k:3, not answered, was not sent (as when a
+    # stopped run releases the rest), so even if run-a dies nothing is in doubt
+    with store.begin() as conn:
+        conn.execute(runs.update().where(runs.c.run_id == "run-a").values(heartbeat=0.0))
+    assert second.in_doubt("confirm") == []
+    entries = second.lookup("confirm", keys)
+    assert {k: (e.state, e.transient) for k, e in entries.items()} == {
+        "k:1": ("completed", False),
+        "k:2": ("failed", True),
+    }
+    assert entries["k:1"].outcome == {"status": "completed", "result": "SUCCESS"}
+    # a claim that is never finished: in doubt once its run stops beating
+    first.claim("confirm", ["k:3"], ["b-3"])
+    with store.begin() as conn:
+        conn.execute(runs.update().where(runs.c.run_id == "run-a").values(heartbeat=0.0))
+    assert second.in_doubt("confirm") == [("k:3", "run-a", "b-3")]
+    store.close()
