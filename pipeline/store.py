@@ -415,6 +415,26 @@ class Store:
         )
         conn.exec_driver_sql(sql, params)
 
+    def suppressed_mask(self, conn: Connection, keys: list[str]) -> np.ndarray:
+        """Which of the keys are on the suppression list (the engine's lookup: on SQLite
+        one query answering with the positions found, as one JSON array)."""
+        mask = np.zeros(len(keys), dtype=bool)
+        if not keys:
+            return mask
+        if self.engine.dialect.name == "sqlite":
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            (found,) = cur.execute(
+                "SELECT json_group_array(j.key) FROM json_each(?) j "
+                "CROSS JOIN suppression s ON s.email_key = j.value",
+                (orjson.dumps(keys).decode(),),
+            ).fetchone()
+            mask[np.array(orjson.loads(found), dtype=np.int64)] = True
+            return mask
+        listed = self.suppressed(conn, keys)
+        if listed:
+            mask[:] = [k in listed for k in keys]
+        return mask
+
     def suppressed(self, conn: Connection, keys: Iterable[str]) -> set[str]:
         keys = sorted(set(keys))
         if self.engine.dialect.name == "sqlite" and len(keys) > _IN_CHUNK:

@@ -172,6 +172,8 @@ def test_suppression_and_yesmail_lookups(tmp_path: Path) -> None:
         assert store.upsert_suppression(conn, [entry, entry]) == 1
         assert store.upsert_suppression(conn, [entry]) == 0
         assert store.suppressed(conn, ["a@example.com", "b@example.com"]) == {"a@example.com"}
+        mask = store.suppressed_mask(conn, ["b@example.com", "a@example.com", "a@example.com"])
+        assert mask.tolist() == [False, True, True]
         store.upsert_ym_subscriber(
             conn, "j@example.com", {"email": "j@example.com", "id": "J-1", "status": "active"}
         )

@@ -165,11 +165,10 @@ def evaluate_ondemand(
     open_ = code == None  # noqa: E711
     day = today or dt.date.today().isoformat()
     with store.begin() as conn:
-        suppressed = store.suppressed(conn, keys[open_].tolist())
-        settle(
-            np.isin(keys, list(suppressed)) if suppressed else np.zeros(n, bool),
-            R.ADDRESS_REJECTED_BY_SUPPRESSION_LIST,
-        )
+        at = np.flatnonzero(open_)
+        suppressed = np.zeros(n, bool)
+        suppressed[at] = store.suppressed_mask(conn, keys[at].tolist())
+        settle(suppressed, R.ADDRESS_REJECTED_BY_SUPPRESSION_LIST)
         _rounds(cfg, plan, store, conn, rc, keys, emails, flag_on, code, message, day)
         code[code == None] = R.SUCCESS  # noqa: E711
         if log is not None:
