@@ -200,6 +200,18 @@ def main() -> None:
             + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
             + "  (target: deliver, the engine, no more than build)"
         )
+        # the deliver stage alone, in a process of its own (its CPU time and memory), on
+        # the same run directory and a fresh copy of the store
+        (run_dir,) = (OUT / "runs").iterdir()
+        shutil.copy(store, work_store)
+        for extra in ("-wal", "-shm"):
+            Path(f"{work_store}{extra}").unlink(missing_ok=True)
+        runs["simulate deliver stage"] = measure(
+            "simulate deliver stage",
+            [*MAILPIPE, "deliver", str(run_dir)],
+            rows,
+            mailpipe_env(orders, work_store, OUT / "runs"),
+        )
     shutil.rmtree(OUT / "runs", ignore_errors=True)
     report(results)
 
@@ -233,6 +245,14 @@ def report(results: dict[str, Any]) -> None:
         f"  simulate           {ratios['simulate_rows_per_s']:>6,} rows/s "
         f"(build {runs['build order-confirmation']['rows_per_s']:,} rows/s)"
     )
+    alone = runs.get("simulate deliver stage")
+    if alone:
+        built = runs["build order-confirmation"]
+        ratios["deliver_cpu_vs_build_cpu"] = round(alone["cpu_seconds"] / built["cpu_seconds"], 2)
+        print(
+            f"  deliver alone      {alone['seconds']:.2f} s wall, {alone['cpu_seconds']:.2f} s CPU "
+            f"(build: {built['seconds']:.2f} s wall, {built['cpu_seconds']:.2f} s CPU)"
+        )
     if "deliver_vs_build" in ratios:
         print(
             f"  simulate deliver   {ratios['deliver_vs_build']:>6}x the build stages' time "
