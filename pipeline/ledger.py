@@ -129,6 +129,9 @@ class Ledger:
         # SQLite: claims are rows of ``claims``, numbered per run (see the module's doc)
         self._chunked = self._dialect != "postgresql"
         self._seq = 0
+        # the number of the claim :meth:`claim` made last (0: it claimed nothing); hand it
+        # to finish/release when several chunks are in flight
+        self.claim_seq = 0
 
     # -- the run itself ----------------------------------------------------------------
 
@@ -253,6 +256,7 @@ class Ledger:
         earlier entries of keys claimed all the same (a resend, a retry).
         """
         claimed = np.ones(len(keys), dtype=bool)
+        self.claim_seq = 0
         if not keys:
             return claimed, {}, {}
         if self._dialect == "postgresql":
@@ -279,6 +283,7 @@ class Ledger:
                 members = [list(keys), list(batches)]
             if members[0]:
                 self._seq += 1
+                self.claim_seq = self._seq
                 conn.execute(
                     claims.insert().values(
                         run_id=self.run_id,
@@ -373,15 +378,17 @@ class Ledger:
         states: pa.Array | pa.ChunkedArray,
         transient: pa.Array | pa.ChunkedArray,
         outcomes: pa.Array | pa.ChunkedArray,
+        claim: int | None = None,
     ) -> None:
         """Record the answers of sent keys (string arrays but ``transient``, booleans), in
-        one transaction — which, on SQLite, also ends the run's claim of them: a chunk is
+        one transaction — which, on SQLite, also ends the run's claim of them (``claim``,
+        the number :attr:`claim_seq` gave; None: every claim of the job): a chunk is
         finished once, its answers all given or the rest released."""
         with self.store.begin() as conn:
             cols = (_flat(a) for a in (keys, states, transient, outcomes))
             self._write(conn, job, Answers(*cols))
             if self._chunked:
-                self._unclaim(conn, job)
+                self._unclaim(conn, job, claim)
             conn.execute(
                 runs.update().where(runs.c.run_id == self.run_id).values(heartbeat=time.time())
             )
@@ -425,11 +432,11 @@ class Ledger:
         for i in range(0, len(params), _CHUNK):
             conn.exec_driver_sql(sql, params[i : i + _CHUNK])
 
-    def release(self, job: str, keys: Sequence[str]) -> None:
+    def release(self, job: str, keys: Sequence[str], claim: int | None = None) -> None:
         """Give back claims of keys this run did not send after all (the run stops)."""
         with self.store.begin() as conn:
             if self._chunked:
-                self._unclaim(conn, job)
+                self._unclaim(conn, job, claim)
                 return
             for i in range(0, len(keys), 500):
                 conn.execute(
@@ -538,8 +545,12 @@ class Ledger:
                     )
                 )
 
-    def _unclaim(self, conn: Connection, job: str) -> None:
-        conn.execute(claims.delete().where(claims.c.run_id == self.run_id, claims.c.job == job))
+    def _unclaim(self, conn: Connection, job: str, claim: int | None) -> None:
+        """End the run's claim number ``claim`` of the job (None: all its claims)."""
+        mine = (claims.c.run_id == self.run_id) & (claims.c.job == job)
+        if claim is not None:
+            mine &= claims.c.seq == claim
+        conn.execute(claims.delete().where(mine))
 
 
 def log_platform(

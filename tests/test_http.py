@@ -231,8 +231,11 @@ def comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def test_http_run_gives_the_simulate_results(setup: Setup, sandbox: Any) -> None:
-    env = env_of(sandbox, setup)
+@pytest.mark.parametrize("chunk_rows", ["65536", "4"])
+def test_http_run_gives_the_simulate_results(setup: Setup, sandbox: Any, chunk_rows: str) -> None:
+    """The same results as simulate, in one chunk a job, and in chunks of a batch or two:
+    http mode sends a chunk while recording the one before, in order all the same."""
+    env = env_of(sandbox, setup, MAILPIPE_RUN_CHUNK_ROWS=chunk_rows)
     sim = cli(["run", "--config", setup.config("sim"), "--mode", "simulate"], env=env)
     http = cli(["run", "--config", setup.config("client"), "--mode", "http"], env=env)
     assert sim.exit_code == http.exit_code == 1, http.output  # some rows fail on purpose
@@ -386,9 +389,16 @@ def test_every_row_completes_under_a_30_percent_503_rate(tmp_path: Path) -> None
     assert any(e["state"] == "retrying" for r in out for e in (r["events"] or []))
 
 
-def test_401_stops_the_run_and_fails_nothing(setup: Setup, sandbox: Any) -> None:
+@pytest.mark.parametrize("chunk_rows", ["65536", "5"])
+def test_401_stops_the_run_and_fails_nothing(setup: Setup, sandbox: Any, chunk_rows: str) -> None:
+    """Stopped by a 401, in one chunk or with the next chunk already claimed: nothing is
+    marked sent or failed, and no claim is left to be taken for in doubt."""
     env = env_of(
-        sandbox, setup, YESMAIL_API_KEY="not-the-key", MAILPIPE_DELIVERY_HTTP_CONCURRENCY="1"
+        sandbox,
+        setup,
+        YESMAIL_API_KEY="not-the-key",
+        MAILPIPE_DELIVERY_HTTP_CONCURRENCY="1",
+        MAILPIPE_RUN_CHUNK_ROWS=chunk_rows,
     )
     result = cli(
         ["run", "--config", setup.config("client"), "--mode", "http", "--job", "followup"], env=env
@@ -403,7 +413,9 @@ def test_401_stops_the_run_and_fails_nothing(setup: Setup, sandbox: Any) -> None
     assert manifest["stages"]["deliver"]["state"] == "failed"
     with sqlite3.connect(setup.tmp / "client.db") as db:
         states = {s for (s,) in db.execute("SELECT state FROM ledger WHERE job = 'followup'")}
+        claims = db.execute("SELECT count(*) FROM claims").fetchone()[0]
     assert "failed" not in states and "completed" not in states
+    assert claims == 0
 
 
 def test_a_refused_security_token_stops_the_run(setup: Setup, sandbox: Any) -> None:

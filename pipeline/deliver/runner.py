@@ -9,6 +9,7 @@ recipient of the chunk and writes the batches' response files.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -149,6 +150,11 @@ def _chunk(
     yield Chunk(plan.target, rows, numbers[starts[:-1]], starts)
 
 
+# modes whose sending waits on the network: the next chunk is sent while the last one's
+# answers go to the ledger and the stage file (at most two chunks are then in flight)
+OVERLAPPED = {"http"}
+
+
 def deliver_job(
     run: RunDir,
     cfg: MailpipeConfig,
@@ -176,7 +182,13 @@ def deliver_job(
             run.stage_writer("deliver", plan.name, OUTCOME_SCHEMA) as out,
             run.batch_writer() as files,
         ):
-            for chunk in iter_chunks(run, plan, size):
+            chunks = iter_chunks(run, plan, size)
+            if ledger is not None and not rate and not dry_run and cfg.delivery.mode in OVERLAPPED:
+                for chunk, outcomes in _overlapped(backend, chunks, files, plan, ledger, resend):
+                    out.write_table(outcomes)
+                    progress("deliver", chunk.rows.num_rows)
+                return
+            for chunk in chunks:
                 outcomes = _deliver_chunk(backend, chunk, files, plan, ledger, resend)
                 files.flush()
                 out.write_table(outcomes)
@@ -186,6 +198,29 @@ def deliver_job(
                     time.sleep(max(0.0, sent / rate - (time.monotonic() - started)))
     finally:
         backend.close()
+
+
+@dataclass
+class _Claimed:
+    """A chunk whose keys the ledger has claimed: what to send, and what not."""
+
+    chunk: Chunk
+    sent: Chunk  # the claimed recipients
+    keys: list[str]
+    key_col: pa.Array
+    claimed: np.ndarray
+    held: dict[str, Entry]
+    previous: dict[str, Entry]
+    seq: int  # the ledger's number of this claim
+
+
+def _claim(chunk: Chunk, plan: JobPlan, ledger: Ledger, resend: bool) -> _Claimed:
+    key_col = chunk.rows.column("_lkey").combine_chunks()
+    keys = key_col.to_pylist()
+    batches = chunk.recipient_batch_column().to_pylist()
+    claimed, held, previous = ledger.claim(plan.name, keys, batches, resend)
+    sent = chunk if claimed.all() else chunk.subset(claimed)
+    return _Claimed(chunk, sent, keys, key_col, claimed, held, previous, ledger.claim_seq)
 
 
 def _deliver_chunk(
@@ -198,29 +233,107 @@ def _deliver_chunk(
 ) -> pa.Table:
     if ledger is None:
         return conform(backend.deliver(chunk, files))
-    key_col = chunk.rows.column("_lkey").combine_chunks()
-    keys = key_col.to_pylist()
-    batches = chunk.recipient_batch_column().to_pylist()
-    claimed, held, previous = ledger.claim(plan.name, keys, batches, resend)
+    c = _claim(chunk, plan, ledger, resend)
     fault("after-claim")
-    sent = chunk if claimed.all() else chunk.subset(claimed)
     try:
-        got = conform(backend.deliver(sent, files)) if sent.rows.num_rows else None
+        got = conform(backend.deliver(c.sent, files)) if c.sent.rows.num_rows else None
     except DeliveryStopped as stop:
-        _stopped(ledger, plan, sent, keys, key_col, claimed, stop)
+        _stopped(ledger, plan, c, stop)
         raise
     fault("after-send")
+    return _settle(ledger, plan, c, got)
+
+
+def _settle(ledger: Ledger, plan: JobPlan, c: _Claimed, got: pa.Table | None) -> pa.Table:
+    """Record the answers of a sent chunk; its outcomes, the records not sent included."""
     if got is not None:
-        _record(ledger, plan, got, key_col, np.flatnonzero(claimed))
-    if got is not None and previous:
-        got = _note_resent(got, sent, previous, keys, claimed)
-    if claimed.all():
+        _record(ledger, plan, got, c.key_col, np.flatnonzero(c.claimed), c.seq)
+    if got is not None and c.previous:
+        got = _note_resent(got, c.sent, c.previous, c.keys, c.claimed)
+    if c.claimed.all():
         assert got is not None
         return got
-    others = _held(chunk.rows.filter(pa.array(~claimed)), keys, claimed, held)
+    others = _held(c.chunk.rows.filter(pa.array(~c.claimed)), c.keys, c.claimed, c.held)
     merged = pa.concat_tables([t for t in (got, others) if t is not None])
     order = np.argsort(merged.column("_rec").to_numpy(), kind="stable")
     return merged.take(pa.array(order))
+
+
+class _ChunkFiles:
+    """The response files of a chunk sent in a worker thread, handed over when it is done."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, bytes]] = []
+
+    def add(self, batch_id: str, kind: str, data: bytes) -> None:
+        self.items.append((batch_id, kind, data))
+
+
+def _overlapped(
+    backend: Backend,
+    chunks: Iterator[Chunk],
+    files: BatchFileWriter,
+    plan: JobPlan,
+    ledger: Ledger,
+    resend: bool,
+) -> Iterator[tuple[Chunk, pa.Table]]:
+    """Send each chunk in a worker thread while the chunk before it is recorded.
+
+    A chunk is claimed before it is sent, as always; the next one is claimed and
+    sent as soon as the last one's answers are in, and the ledger and the stage
+    file take those answers meanwhile. If the platform stops the run, the chunk
+    already on its way is still waited for and recorded: nothing sent is left
+    unrecorded, nothing unsent is marked.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    def send(c: _Claimed, buf: _ChunkFiles) -> pa.Table | None:
+        if not c.sent.rows.num_rows:
+            return None
+        return conform(backend.deliver(c.sent, buf))  # type: ignore[arg-type]
+
+    def land(c: _Claimed, fut: Future[pa.Table | None], buf: _ChunkFiles) -> pa.Table | None:
+        """Wait for a chunk's answers; record them (or, stopped, what was answered)."""
+        try:
+            got = fut.result()
+        except DeliveryStopped as stop:
+            _stopped(ledger, plan, c, stop)
+            raise
+        finally:
+            for item in buf.items:
+                files.add(*item)
+            files.flush()
+        return got
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deliver")
+    flight: tuple[_Claimed, Future[pa.Table | None], _ChunkFiles] | None = None
+    unsent: _Claimed | None = None  # claimed, not handed to the backend yet
+    try:
+        for chunk in chunks:
+            unsent = _claim(chunk, plan, ledger, resend)  # while the last chunk is on its way
+            last, got = flight, None
+            flight = None
+            if last is not None:
+                # the chunk before must be answered before the next goes: batches keep order
+                got = land(*last)
+            buf = _ChunkFiles()
+            flight = (unsent, pool.submit(send, unsent, buf), buf)
+            unsent = None
+            if last is not None:
+                yield last[0].chunk, _settle(ledger, plan, last[0], got)
+        if flight is not None:
+            last, flight = flight, None
+            yield last[0].chunk, _settle(ledger, plan, last[0], land(*last))
+    except BaseException:
+        if unsent is not None:  # never sent: give its claim back
+            mine = np.flatnonzero(unsent.claimed).tolist()
+            ledger.release(plan.name, [unsent.keys[i] for i in mine], unsent.seq)
+        if flight is not None:  # stopped while a chunk is on its way: wait for it, keep it
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                _settle(ledger, plan, flight[0], land(*flight))
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _note_resent(
@@ -245,25 +358,17 @@ def _note_resent(
     )
 
 
-def _stopped(
-    ledger: Ledger,
-    plan: JobPlan,
-    sent: Chunk,
-    keys: list[str],
-    key_col: pa.Array,
-    claimed: np.ndarray,
-    stop: DeliveryStopped,
-) -> None:
+def _stopped(ledger: Ledger, plan: JobPlan, c: _Claimed, stop: DeliveryStopped) -> None:
     """The backend stopped the run: keep what was answered, give back the rest untouched."""
-    picked = np.flatnonzero(claimed)
+    picked = np.flatnonzero(c.claimed)
     answered: pa.Table | None = conform(stop.partial) if stop.partial is not None else None
     done: set[int] = set()
     if answered is not None and answered.num_rows:
-        rec_pos = {r: i for i, r in enumerate(sent.rows.column("_rec").to_pylist())}
+        rec_pos = {r: i for i, r in enumerate(c.sent.rows.column("_rec").to_pylist())}
         at = [int(picked[rec_pos[r]]) for r in answered.column("_rec").to_pylist()]
         done = set(at)
-        _record(ledger, plan, answered, key_col, np.array(at, dtype=np.int64))
-    ledger.release(plan.name, [keys[i] for i in picked.tolist() if i not in done])
+        _record(ledger, plan, answered, c.key_col, np.array(at, dtype=np.int64), c.seq)
+    ledger.release(plan.name, [c.keys[i] for i in picked.tolist() if i not in done], c.seq)
 
 
 def _record(
@@ -272,8 +377,10 @@ def _record(
     got: pa.Table,
     key_col: pa.Array,
     at: np.ndarray,
+    claim: int,
 ) -> None:
-    """Write the answers in ``got`` (for the chunk positions ``at``) to the ledger."""
+    """Write the answers in ``got`` (for the chunk positions ``at``) to the ledger; this
+    ends the ledger's claim number ``claim``."""
     sel = pa.array(at, pa.int64())
     failed = pc.equal(got.column("status").combine_chunks(), "failed")
     ledger.finish(
@@ -282,6 +389,7 @@ def _record(
         pc.if_else(failed, "failed", "completed"),
         got.column("_transient").combine_chunks().fill_null(False),
         outcome_json(got),
+        claim,
     )
 
 
