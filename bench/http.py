@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -80,6 +81,20 @@ def mailpipe(args: list[str], env: dict[str, str], name: str) -> float:
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return wall
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """A running process's CPU time so far (user + system), from /proc; None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def run_dir(out: Path) -> Path:
@@ -180,6 +195,7 @@ def bench_job(job: str, orders: Path, store: Path, profile: bool) -> dict[str, A
             "MAILPIPE_RUN_OUT": str(http_out),
         }
         args = ["run", "--config", CONFIG, "--job", job, "--mode", "http"]
+        box_cpu0, client_cpu0 = cpu_seconds(box.pid), children_cpu()
         if profile:
             raw = work / "client.profile.txt"
             spy = [
@@ -200,6 +216,8 @@ def bench_job(job: str, orders: Path, store: Path, profile: bool) -> dict[str, A
             http_wall = time.perf_counter() - t0
         else:
             http_wall = mailpipe(args, http_env, f"http {job}")
+        box_cpu1, client_cpu = cpu_seconds(box.pid), children_cpu() - client_cpu0
+        box_cpu = None if box_cpu0 is None or box_cpu1 is None else box_cpu1 - box_cpu0
     finally:
         if spy_box is not None:
             spy_box.send_signal(signal.SIGINT)
@@ -217,6 +235,11 @@ def bench_job(job: str, orders: Path, store: Path, profile: bool) -> dict[str, A
         "simulate_run_s": round(sim_wall, 2),
         "http_run_s": round(http_wall, 2),
         "same_results": same,
+        # CPU seconds during the http run (the client's: the whole run, build included)
+        "http_cpu_s": {
+            "sandbox": None if box_cpu is None else round(box_cpu, 2),
+            "client": round(client_cpu, 2),
+        },
         "target_per_s": TARGETS.get(job),
     }
     if profile:
@@ -280,6 +303,12 @@ def main() -> None:
             f"{r['simulate_deliver_per_s']:>8,}/s  http {r['http_deliver_per_s']:>8,}/s "
             f"(target {target:,}/s: {ok})  run: simulate {r['simulate_run_s']} s, "
             f"http {r['http_run_s']} s  results equal: {r['same_results']}",
+            flush=True,
+        )
+        cpu = r["http_cpu_s"]
+        print(
+            f"    http run CPU: sandbox {cpu['sandbox']} s, client {cpu['client']} s "
+            f"(whole run; {os.cpu_count()} cores shared)",
             flush=True,
         )
         for side, p in r.get("profile", {}).items():

@@ -8,6 +8,7 @@ rebuilt from the code under test — so a changed text or shape fails here.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 import orjson
 import pytest
 from conftest import SEEDS, small_config
+from pg_server import pg_server, pg_url  # noqa: F401  (fixtures)
 
 from pipeline.config import MailpipeConfig
 from pipeline.engine.ondemand import answer_recip, columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
-from pipeline.engine.yesmail import evaluate_send
+from pipeline.engine.yesmail import evaluate_send, evaluate_sends
 from pipeline.errors import MaestroResult, YesmailStatus
 from pipeline.store import Store, email_key, profile_json, verify_password
 
@@ -1167,3 +1169,193 @@ def test_yesmail_update_profile_stores_the_attributes(store: Store) -> None:
         "Birth Date": "1942-08-01",
     }
     assert divs == {"Banjo Lovers", "9 finger club"}
+
+
+# -- Yesmail: requests judged together (the sandbox) -------------------------------------
+
+
+def ym_tables(store: Store) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    with store.begin() as conn:
+        subs = conn.exec_driver_sql(
+            "SELECT email_key, id, email, status, attrs FROM ym_subscribers ORDER BY email_key"
+        ).fetchall()
+        divs = conn.exec_driver_sql(
+            "SELECT email_key, division FROM ym_subscriptions ORDER BY email_key, division"
+        ).fetchall()
+    return [tuple(r) for r in subs], [tuple(r) for r in divs]
+
+
+def ym_clear(store: Store) -> None:
+    with store.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM ym_subscriptions")
+        conn.exec_driver_sql("DELETE FROM ym_subscribers")
+
+
+def ym_body(recipients: list[Any], **flags: Any) -> dict[str, Any]:
+    return {"content": {"templateId": "1465362"}, **flags, "recipients": recipients}
+
+
+def outcome(answer: Any) -> tuple[Any, ...]:
+    """An answer without what differs between two evaluations: ids and times."""
+    if answer.status is not YesmailStatus.ACCEPTED:
+        return (answer.status, answer.body, answer.ticket, answer.per_recipient)
+    r = answer.async_results
+    listed = {k: [x["index"] for x in r[k]] for k in ("completed", "ignored", "failed")}
+    return (answer.status, answer.per_recipient, r["counts"], listed, answer.ticket["state"])
+
+
+def one_by_one_then_together(
+    store: Store, bodies: list[dict[str, Any]], seed: Any = None
+) -> tuple[list[Any], list[Any], Any, Any]:
+    """The requests sent one after the other, then (from the same start) judged together."""
+    states = []
+    answers = []
+    for together in (False, True):
+        ym_clear(store)
+        if seed is not None:
+            seed(store)
+        calls = [(b, "jefftronics3", f"ref-{i}") for i, b in enumerate(bodies)]
+        if together:
+            answers.append(evaluate_sends(store, calls))
+        else:
+            answers.append([evaluate_send(store, b, u, r) for b, u, r in calls])
+        states.append(ym_tables(store))
+    return [outcome(a) for a in answers[0]], [outcome(a) for a in answers[1]], *states
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: Any, tmp_path: Any) -> Iterator[Store]:
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite:///{tmp_path}/s.db"
+    s = Store(url)
+    yield s
+    s.close()
+
+
+def test_yesmail_a_refused_request_in_a_batch_stores_nothing_and_the_others_apply(
+    any_store: Store,
+) -> None:
+    store = any_store
+    ym_seed(store, "member@example.com", {"A"})
+    first = ym_body([{"email": "a@example.com", "id": "a", "subscriptions": {"add": ["A"]}}])
+    conflict = ym_body(
+        [
+            {"email": "b@example.com", "id": "b", "subscriptions": {"add": ["B"]}},
+            {"email": "member@example.com", "subscriptions": {"remove": ["*"]}},
+            {"email": "c@example.com", "id": "c", "subscriptions": {"isMemberOf": ["A"]}},
+        ],
+        transactional=False,
+    )
+    mixed = ym_body([{"email": "d@example.com", "id": "d"}, {"email": "E@example.com", "id": "e"}])
+    new_without_id = ym_body([{"email": "f@example.com", "id": "f"}, {"email": "g@example.com"}])
+    last = ym_body([{"email": "h@example.com", "id": "h"}], transactional=False)
+    calls = [(b, "jefftronics3", None) for b in (first, conflict, mixed, new_without_id, last)]
+    answers = evaluate_sends(store, calls)
+    assert [a.status for a in answers] == [202, 409, 400, 400, 202]
+    assert answers[1].body == {
+        "status": 409,
+        "message": "Subscriber must be a memberOf one of '[A]'.",
+    }
+    assert answers[2].body["message"] == "recipients[1]: subscriber email address is mixed case"
+    assert answers[3].body["message"] == "A new subscriber requires both id and email"
+    # the refused requests stored nothing, not even their recipients before the offender
+    for email in ("b@example.com", "c@example.com", "d@example.com", "f@example.com"):
+        assert ym(store, email) == (None, set())
+    assert ym(store, "member@example.com")[1] == {"A"}
+    assert ym(store, "a@example.com")[1] == {"A"}
+    assert ym(store, "h@example.com")[0] is not None
+    assert answers[4].per_recipient == ["completed"]
+
+
+def test_yesmail_requests_in_a_batch_see_each_others_changes_in_order(any_store: Store) -> None:
+    """The same address in several requests of one batch: each request is answered, and
+    the store left, exactly as if they had been sent one after the other."""
+    jerry = "jerry@example.com"
+
+    def seed(store: Store) -> None:
+        ym_seed(store, "phil@example.com", {"A"}, status="unsubscribed", id_="P-1")
+
+    bodies = [
+        # a new subscriber, then found by its id alone in the next request
+        ym_body([{"email": jerry, "id": "J-1", "subscriptions": {"add": ["A"]}}]),
+        ym_body([{"id": "J-1", "subscriptions": {"remove": ["A"], "add": ["B"]}}]),
+        # A was removed by the request before: a 409, and nothing of it is stored
+        ym_body(
+            [
+                {"email": "bob@example.com", "id": "bob", "subscriptions": {"add": ["A"]}},
+                {"email": jerry, "subscriptions": {"isMemberOf": ["A"]}},
+            ]
+        ),
+        # so bob is still new here: without an id, a 400
+        ym_body([{"email": "bob@example.com"}]),
+        ym_body([{"email": jerry, "subscriptions": {"isMemberOf": ["B"]}}]),
+        ym_body([{"email": jerry, "subscriptions": {"setReferred": "newOnly"}}]),
+        ym_body(
+            [
+                {"email": jerry, "id": "J-1", "profile": {"userAttrs": [{"firstName": "J"}]}},
+                {"email": jerry, "id": "J-1", "profile": {"userAttrs": [{"lastName": "G"}]}},
+            ],
+            updateProfile=True,
+        ),
+        ym_body([{"email": jerry, "subscriptions": {"remove": ["*"]}}]),
+        ym_body([{"id": "J-1"}, {"id": "P-1"}], transactional=False),
+        ym_body([{"id": "P-1", "subscriptions": {"add": ["C"]}}, {"email": "phil@example.com"}]),
+        ym_body([{"email": jerry, "subscriptions": {"setReferred": "newOrNotSubscribed"}}]),
+    ]
+    alone, together, stored_alone, stored_together = one_by_one_then_together(
+        any_store, bodies, seed
+    )
+    assert [a[0] for a in alone] == [202, 202, 409, 400, 202, 202, 202, 202, 202, 202, 202]
+    assert alone[8][1] == ["ignored", "ignored"]  # unsubscribed both, not transactional
+    assert together == alone
+    assert stored_together == stored_alone
+    subs, divs = stored_alone
+    assert ("jerry@example.com", "C") not in divs and ("phil@example.com", "C") in divs
+    jerry_row = next(r for r in subs if r[0] == jerry)
+    assert jerry_row[3] == "referred" and orjson.loads(jerry_row[4]) == {
+        "firstName": "J",
+        "lastName": "G",
+    }
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_yesmail_a_batch_answers_as_one_request_after_the_other(seed: int, store: Store) -> None:
+    """Random requests over a few addresses: judged together, the same answers and the
+    same store as one by one."""
+    rng = random.Random(seed)
+    emails = [f"u{i}@example.com" for i in range(6)]
+    divisions = ["A", "B", "C"]
+
+    def recipient() -> dict[str, Any]:
+        r: dict[str, Any] = {}
+        i = rng.randrange(len(emails))
+        if rng.random() < 0.8:
+            r["email"] = emails[i] if rng.random() < 0.97 else emails[i].upper()
+        if "email" not in r or rng.random() < 0.7:
+            r["id"] = f"ID-{i}"
+        subs: dict[str, Any] = {}
+        for op in ("remove", "add", "isMemberOf"):
+            if rng.random() < 0.3:
+                subs[op] = rng.sample(divisions + ["*"] * (op == "remove"), rng.randint(1, 2))
+        if rng.random() < 0.2:
+            subs["setReferred"] = rng.choice(["newOnly", "newOrNotSubscribed"])
+        if subs:
+            r["subscriptions"] = subs
+        if rng.random() < 0.3:
+            r["profile"] = {"userAttrs": [{rng.choice("xyz"): rng.randrange(9)}]}
+        return r
+
+    bodies = [
+        ym_body(
+            [recipient() for _ in range(rng.randint(1, 4))],
+            transactional=rng.random() < 0.5,
+            updateProfile=rng.random() < 0.3,
+        )
+        for _ in range(40)
+    ]
+    alone, together, stored_alone, stored_together = one_by_one_then_together(store, bodies)
+    assert {a[0] for a in alone} >= {202, 400}
+    assert together == alone
+    assert stored_together == stored_alone

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from pipeline.emails import check_emails
 from pipeline.errors import TicketState, YesmailStatus
 from pipeline.store import Store, email_key, ym_subscribers, ym_subscriptions
 
-__all__ = ["SendAnswer", "evaluate_send", "ticket_document"]
+__all__ = ["SendAnswer", "evaluate_send", "evaluate_sends", "ticket_document"]
 
 SEND_URI = "https://api.yesmail.com/v2/emails/send"
 QUEUED = "Send email request queued successfully."
@@ -91,84 +91,207 @@ def evaluate_send(
     api_base: str = "https://api.yesmail.com",
     log: Callable[[Any, SendAnswer], None] | None = None,
 ) -> SendAnswer:
-    """Judge one request; on 202 the store is updated in one transaction."""
-    problem = _request_problem(body)
-    if problem:
-        return error(YesmailStatus.BAD_REQUEST, problem)
+    """Judge one request; on 202 the store is updated in one transaction (and ``log``
+    called with the connection and the answer, inside it)."""
+
+    def log_one(conn: Any, answers: list[SendAnswer]) -> None:
+        if log is not None and answers[0].status is YesmailStatus.ACCEPTED:
+            log(conn, answers[0])
+
+    [answer] = evaluate_sends(store, [(body, user, ref)], api_base, log_one)
+    return answer
+
+
+def evaluate_sends(
+    store: Store,
+    calls: Sequence[tuple[Any, str, str | None]],
+    api_base: str = "https://api.yesmail.com",
+    log: Callable[[Any, list[SendAnswer]], None] | None = None,
+) -> list[SendAnswer]:
+    """Judge requests ``(body, user, ref)`` one after the other, in one transaction.
+
+    Each answer is exactly what the request would get sent alone after the
+    ones before it: a 400 or 409 stores nothing of that request, the requests
+    after it see what the accepted ones before it changed. What is shared is
+    the cost — one email check, one lookup of the subscribers and one set of
+    writes for all of them (a commit writes every page its transaction
+    touched, so one commit for several requests costs far less than one each).
+    ``log`` is called with the connection and the answers, after the writes.
+    """
+    problems = _request_problems([body for body, _, _ in calls])
+    answers: list[SendAnswer] = []
+    with store.begin() as conn:
+        state = _State(store, conn)
+        state.load(
+            [
+                email_key(r["email"])
+                for (body, _, _), problem in zip(calls, problems)
+                if problem is None
+                for r in body["recipients"]
+                if isinstance(r.get("email"), str)
+            ]
+        )
+        for (body, user, ref), problem in zip(calls, problems):
+            if problem is not None:
+                answers.append(error(YesmailStatus.BAD_REQUEST, problem))
+            else:
+                answers.append(_judge(state, body, user, ref, api_base))
+        state.flush()
+        if log is not None:
+            log(conn, answers)
+    return answers
+
+
+def _judge(
+    state: _State, body: dict[str, Any], user: str, ref: str | None, api_base: str
+) -> SendAnswer:
+    """One well-formed request against the state the requests before it left."""
     recipients: list[dict[str, Any]] = body["recipients"]
     keys = [email_key(r["email"]) if isinstance(r.get("email"), str) else None for r in recipients]
     transactional = bool(body.get("transactional", False))
     update_profile = bool(body.get("updateProfile", False))
-    with store.begin() as conn:
-        # a recipient given by id alone is looked up by that id
-        by_id = store.ym_keys_by_id(conn, [r["id"] for r, k in zip(recipients, keys) if k is None])
-        subs, divs = _ym_state(store, conn, [k for k in keys if k] + list(by_id.values()))
-        known = set(subs)
-        for r, k in zip(recipients, keys):
-            if k is None and r.get("id") in by_id:
+    # a recipient given by id alone is looked up by that id
+    by_id = state.keys_by_id([r["id"] for r, k in zip(recipients, keys) if k is None])
+    subs, divs = state.subs, state.divs
+    seen: set[str] = set()  # known for the recipients after it in this request
+    for r, k in zip(recipients, keys):
+        if k is None:
+            if r["id"] in by_id:
                 continue
-            if (k is None or k not in known) and not (r.get("id") and r.get("email")):
-                return error(
-                    YesmailStatus.BAD_REQUEST, "A new subscriber requires both id and email"
-                )
-            if k:
-                known.add(k)  # exists for the recipients after it
-        outcomes: list[str] = []
-        writes: list[tuple[str, dict[str, Any], set[str]]] = []
-        for r, k in zip(recipients, keys):
-            key = k or by_id[r["id"]]
-            sub = subs.get(key)
-            state, member_of = _apply_subscriptions(
-                r.get("subscriptions") or {}, sub, set(divs.get(key, set()))
-            )
-            wanted = (r.get("subscriptions") or {}).get("isMemberOf")
-            if not transactional and wanted and not member_of & set(wanted):
-                # the whole request fails at once; nothing of it has been stored yet
+        elif k in seen or subs.get(k) is not None:
+            continue
+        if not (r.get("id") and r.get("email")):
+            return error(YesmailStatus.BAD_REQUEST, "A new subscriber requires both id and email")
+        if k:
+            seen.add(k)
+    # the request's changes, applied to the state only once it is accepted; a Python loop
+    # per recipient: each is judged against the one before it (remove, add, isMemberOf)
+    staged: dict[str, tuple[_Sub, frozenset[str]]] = {}
+    outcomes: list[str] = []
+    for r, k in zip(recipients, keys):
+        key = k or by_id[r["id"]]
+        now = staged.get(key)
+        sub, member = now if now is not None else (subs.get(key), divs.get(key, _NONE))
+        wants = r.get("subscriptions")
+        if wants:
+            status, changed = _apply_subscriptions(wants, sub[2] if sub else None, set(member))
+            wanted = wants.get("isMemberOf")
+            if not transactional and wanted and not changed & set(wanted):
+                # the whole request fails at once; nothing of it has been stored
                 return error(
                     YesmailStatus.CONFLICT,
                     f"Subscriber must be a memberOf one of '[{', '.join(wanted)}]'.",
                 )
-            status = state
-            outcomes.append(
-                "ignored"
-                if not transactional and status in ("unsubscribed", "dead")
-                else "completed"
-            )
-            values: dict[str, Any] = {
-                "email": r.get("email") or (sub or {}).get("email", key),
-                "id": r.get("id") or (sub or {}).get("id"),
-                "status": status,
-            }
-            if update_profile:  # otherwise the attributes only personalize this email
-                attrs = orjson.loads((sub or {}).get("attrs") or "{}")
-                for item in (r.get("profile") or {}).get("userAttrs") or []:
-                    attrs.update(item)
-                values["attrs"] = orjson.dumps(attrs).decode()
-            writes.append((key, values, member_of))
-            # the same subscriber later in the request is judged against this state
-            subs[key] = {**(sub or {}), **values}
-            divs[key] = member_of
-        _write_subscribers(conn, writes)
-        answer = _accepted(recipients, outcomes, user, ref, api_base)
-        if log is not None:
-            log(conn, answer)
-    return answer
+            member = frozenset(changed)
+        else:
+            status = sub[2] if sub else "active"
+        outcomes.append(
+            "ignored" if not transactional and status in ("unsubscribed", "dead") else "completed"
+        )
+        attrs = sub[3] if sub else "{}"
+        if update_profile:  # otherwise the attributes only personalize this email
+            merged = orjson.loads(attrs)
+            for item in (r.get("profile") or {}).get("userAttrs") or []:
+                merged.update(item)
+            attrs = orjson.dumps(merged).decode()
+        staged[key] = (
+            (
+                r.get("id") or (sub[0] if sub else None),
+                r.get("email") or (sub[1] if sub else key),
+                status,
+                attrs,
+            ),
+            member,
+        )
+    state.apply(staged)
+    return _accepted(recipients, outcomes, user, ref, api_base)
 
 
-def _ym_state(
-    store: Store, conn: Any, keys: list[str]
-) -> tuple[dict[str, dict[str, Any]], dict[str, set[str]]]:
-    """:meth:`Store.ym_state`; on SQLite with the keys as one JSON parameter (two queries
-    a request instead of building two IN lists of up to 300 values)."""
-    if conn.dialect.name != "sqlite":
-        return store.ym_state(conn, keys)
+_Sub = tuple[str | None, str, str, str]  # a Yesmail subscriber: id, email, status, attrs
+_Row = tuple[str, str | None, str, str, str]  # email_key and the subscriber
+_NONE: frozenset[str] = frozenset()
+
+
+class _State:
+    """The subscribers a batch of requests touches: as stored, and as the requests
+    judged so far left them.
+
+    Keys are read once (:meth:`load`); accepted requests change only this state
+    (:meth:`apply`); :meth:`flush` writes what differs from the store — before a
+    lookup by id (which asks the store) and at the end.
+    """
+
+    def __init__(self, store: Store, conn: Any) -> None:
+        self.store = store
+        self.conn = conn
+        self.sqlite = conn.dialect.name == "sqlite"
+        self.subs: dict[str, _Sub] = {}
+        self.divs: dict[str, frozenset[str]] = {}
+        self.stored: dict[str, tuple[_Sub | None, frozenset[str]]] = {}
+        self.dirty: set[str] = set()
+
+    def load(self, keys: Iterable[str]) -> None:
+        """Read the subscribers and divisions of the keys not read yet."""
+        new = sorted(set(keys).difference(self.stored))
+        if not new:
+            return
+        subs, divs = _read_sqlite(self.conn, new) if self.sqlite else self._read(new)
+        self.subs.update(subs)
+        self.divs.update(divs)
+        for k in new:
+            self.stored[k] = (subs.get(k), divs.get(k, _NONE))
+
+    def _read(self, keys: list[str]) -> tuple[dict[str, _Sub], dict[str, frozenset[str]]]:
+        subs, divs = self.store.ym_state(self.conn, keys)
+        return (
+            {k: (s["id"], s["email"], s["status"], s["attrs"]) for k, s in subs.items()},
+            {k: frozenset(d) for k, d in divs.items()},
+        )
+
+    def keys_by_id(self, ids: list[str]) -> dict[str, str]:
+        """Customer id → email key, as the store would answer after the requests so far."""
+        if not ids:
+            return {}
+        self.flush()
+        found = self.store.ym_keys_by_id(self.conn, ids)
+        self.load(found.values())
+        return found
+
+    def apply(self, changes: dict[str, tuple[_Sub, frozenset[str]]]) -> None:
+        for key, (sub, member) in changes.items():
+            self.subs[key] = sub
+            self.divs[key] = member
+        self.dirty.update(changes)
+
+    def flush(self) -> None:
+        """Write the subscribers and divisions that differ from the store."""
+        new: list[_Row] = []
+        changed: list[_Row] = []
+        divisions: dict[str, frozenset[str]] = {}
+        for key in sorted(self.dirty):  # neighbouring index pages
+            sub, member = self.subs[key], self.divs.get(key, _NONE)
+            was, was_member = self.stored[key]
+            if was is None:
+                new.append((key, *sub))
+            elif sub != was:
+                changed.append((key, *sub))
+            if member != was_member:
+                divisions[key] = member
+            self.stored[key] = (sub, member)
+        self.dirty.clear()
+        if new or changed or divisions:
+            write = _write_sqlite if self.sqlite else _write_any
+            write(self.conn, new, changed, divisions)
+
+
+def _read_sqlite(conn: Any, keys: list[str]) -> tuple[dict[str, _Sub], dict[str, frozenset[str]]]:
+    """:meth:`Store.ym_state` on SQLite: the keys as one JSON parameter, two queries."""
     cur = conn.connection.driver_connection.cursor()
-    listed = orjson.dumps(sorted(set(keys))).decode()
-    cols = [c.name for c in ym_subscribers.columns]
-    subs = {
-        row[0]: dict(zip(cols, row))
+    listed = orjson.dumps(keys).decode()
+    subs: dict[str, _Sub] = {
+        row[0]: row[1:]
         for row in cur.execute(
-            f"SELECT {', '.join('y.' + c for c in cols)} FROM json_each(?) j "
+            "SELECT y.email_key, y.id, y.email, y.status, y.attrs FROM json_each(?) j "
             "CROSS JOIN ym_subscribers y ON y.email_key = j.value",
             (listed,),
         )
@@ -180,99 +303,87 @@ def _ym_state(
         (listed,),
     ):
         divs.setdefault(key, set()).add(division)
-    return subs, divs
-
-
-def _write_subscribers(conn: Any, writes: list[tuple[str, dict[str, Any], set[str]]]) -> None:
-    """Store the request's subscribers and their divisions: a few statements for all of them.
-
-    The same as upserting each in turn (a subscriber met twice keeps its later
-    values), without a round trip per recipient.
-    """
-    final: dict[str, tuple[dict[str, Any], set[str]]] = {}
-    for key, values, member_of in writes:
-        before = final.get(key)
-        final[key] = ({**before[0], **values} if before else values, member_of)
-    if not final:
-        return
-    keys = list(final)
-    divisions = [(k, d) for k, (_, m) in final.items() for d in sorted(m)]
-    if conn.dialect.name == "sqlite":
-        _write_sqlite(conn, final, keys, divisions)
-        return
-    existing: set[str] = set()
-    for i in range(0, len(keys), _IN_CHUNK):
-        part = keys[i : i + _IN_CHUNK]
-        q = sa.select(ym_subscribers.c.email_key).where(ym_subscribers.c.email_key.in_(part))
-        existing.update(r[0] for r in conn.execute(q))
-        conn.execute(ym_subscriptions.delete().where(ym_subscriptions.c.email_key.in_(part)))
-    new = [{"attrs": "{}", "email_key": k, **v} for k, (v, _) in final.items() if k not in existing]
-    old = [(k, v) for k, (v, _) in final.items() if k in existing]
-    if new:
-        conn.execute(ym_subscribers.insert(), new)
-    for cols in {tuple(v) for _, v in old}:  # one statement per set of columns written
-        stmt = (
-            ym_subscribers.update()
-            .where(ym_subscribers.c.email_key == sa.bindparam("_key"))
-            .values({c: sa.bindparam(f"_{c}") for c in cols})
-        )
-        conn.execute(
-            stmt,
-            [{"_key": k, **{f"_{c}": v[c] for c in cols}} for k, v in old if tuple(v) == cols],
-        )
-    if divisions:
-        conn.execute(
-            ym_subscriptions.insert(), [{"email_key": k, "division": d} for k, d in divisions]
-        )
+    return subs, {k: frozenset(d) for k, d in divs.items()}
 
 
 def _write_sqlite(
-    conn: Any,
-    final: dict[str, tuple[dict[str, Any], set[str]]],
-    keys: list[str],
-    divisions: list[tuple[str, str]],
+    conn: Any, new: list[_Row], changed: list[_Row], divisions: dict[str, frozenset[str]]
 ) -> None:
-    """:func:`_write_subscribers` on SQLite: the keys as one JSON parameter, the DB-API
-    cursor's executemany (SQLAlchemy's statement building costs more than the writes)."""
+    """:meth:`_State.flush` on SQLite, through the DB-API cursor (SQLAlchemy's statement
+    building costs more than the writes)."""
     cur = conn.connection.driver_connection.cursor()
-    listed = orjson.dumps(keys).decode()
-    existing = {
-        r[0]
-        for r in cur.execute(
-            "SELECT y.email_key FROM json_each(?) j CROSS JOIN ym_subscribers y "
-            "ON y.email_key = j.value",
-            (listed,),
-        )
-    }
-    cur.execute(
-        "DELETE FROM ym_subscriptions WHERE email_key IN (SELECT value FROM json_each(?))",
-        (listed,),
-    )
-    rows: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-    for k, (v, _) in final.items():
-        names = tuple(v)
-        if k in existing:
-            rows.setdefault(("update", *names), []).append((*v.values(), k))
-        else:
-            rows.setdefault(("insert", *names), []).append((k, *v.values()))
-    for (kind, *cols), params in rows.items():
-        if kind == "update":
-            sets = ", ".join(f"{c} = ?" for c in cols)
-            sql = f"UPDATE ym_subscribers SET {sets} WHERE email_key = ?"
-        else:
-            listed = ", ".join(["email_key", *cols])
-            marks = ", ".join("?" * (len(cols) + 1))
-            if "attrs" not in cols:  # the column's default
-                listed, marks = listed + ", attrs", marks + ", '{}'"
-            sql = f"INSERT INTO ym_subscribers ({listed}) VALUES ({marks})"
-        cur.executemany(sql, params)
-    if divisions:
+    if new:
         cur.executemany(
-            "INSERT INTO ym_subscriptions (email_key, division) VALUES (?, ?)", divisions
+            "INSERT INTO ym_subscribers (email_key, id, email, status, attrs) "
+            "VALUES (?, ?, ?, ?, ?)",
+            new,
+        )
+    if changed:
+        cur.executemany(
+            "UPDATE ym_subscribers SET id = ?, email = ?, status = ?, attrs = ? "
+            "WHERE email_key = ?",
+            [(*row[1:], row[0]) for row in changed],
+        )
+    if divisions:
+        cur.execute(
+            "DELETE FROM ym_subscriptions WHERE email_key IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(list(divisions)).decode(),),
+        )
+        cur.executemany(
+            "INSERT INTO ym_subscriptions (email_key, division) VALUES (?, ?)",
+            [(k, d) for k, member in divisions.items() for d in sorted(member)],
         )
 
 
-def _request_problem(body: Any) -> str | None:
+def _write_any(
+    conn: Any, new: list[_Row], changed: list[_Row], divisions: dict[str, frozenset[str]]
+) -> None:
+    """:meth:`_State.flush` on any database SQLAlchemy speaks (PostgreSQL)."""
+    cols = ("email_key", "id", "email", "status", "attrs")
+    if new:
+        conn.execute(ym_subscribers.insert(), [dict(zip(cols, row)) for row in new])
+    if changed:
+        stmt = (
+            ym_subscribers.update()
+            .where(ym_subscribers.c.email_key == sa.bindparam("_email_key"))
+            .values({c: sa.bindparam(f"_{c}") for c in cols[1:]})
+        )
+        conn.execute(stmt, [{f"_{c}": v for c, v in zip(cols, row)} for row in changed])
+    if divisions:
+        keys = list(divisions)
+        for i in range(0, len(keys), _IN_CHUNK):
+            part = keys[i : i + _IN_CHUNK]
+            conn.execute(ym_subscriptions.delete().where(ym_subscriptions.c.email_key.in_(part)))
+        rows = [{"email_key": k, "division": d} for k, m in divisions.items() for d in sorted(m)]
+        if rows:
+            conn.execute(ym_subscriptions.insert(), rows)
+
+
+def _request_problems(bodies: Sequence[Any]) -> list[str | None]:
+    """Why each request is a ``400 Bad Request``, or None; the emails of all of them
+    checked by one :func:`check_emails` (its cost is mostly per call)."""
+    problems = [_shape_problem(body) for body in bodies]
+    emails = [
+        r.get("email") if isinstance(r, dict) else None
+        for body, problem in zip(bodies, problems)
+        if problem is None
+        for r in body["recipients"]
+    ]
+    if not emails:
+        return problems
+    verdicts = check_emails(
+        pa.array([e if isinstance(e, str) else None for e in emails], pa.string())
+    ).problem.to_pylist()
+    at = 0
+    for i, body in enumerate(bodies):
+        if problems[i] is None:
+            n = len(body["recipients"])
+            problems[i] = _recipient_problem(body, verdicts[at : at + n])
+            at += n
+    return problems
+
+
+def _shape_problem(body: Any) -> str | None:
     if not isinstance(body, dict):
         return "The request body must be a JSON object"
     content = body.get("content")
@@ -286,12 +397,13 @@ def _request_problem(body: Any) -> str | None:
         return "recipients is mandatory: an array of up to 300 recipients"
     if len(recipients) > MAX_RECIPIENTS:
         return f"This request supports up to {MAX_RECIPIENTS} recipients"
-    emails = [r.get("email") if isinstance(r, dict) else None for r in recipients]
-    verdict = check_emails(
-        pa.array([e if isinstance(e, str) else None for e in emails], pa.string())
-    )
-    problems = verdict.problem.to_pylist()
-    for i, r in enumerate(recipients):
+    return None
+
+
+def _recipient_problem(body: dict[str, Any], verdicts: list[str | None]) -> str | None:
+    """The first recipient the request is refused for; ``verdicts`` their emails'
+    :func:`check_emails` problems. A Python loop per recipient: they are parsed JSON."""
+    for i, r in enumerate(body["recipients"]):
         if not isinstance(r, dict):
             return f"recipients[{i}] must be an object"
         email, rid = r.get("email"), r.get("id")
@@ -300,7 +412,7 @@ def _request_problem(body: Any) -> str | None:
         if rid is not None and not isinstance(rid, str):
             return f"recipients[{i}]: id must be a string"
         if email is not None:
-            if not isinstance(email, str) or problems[i] is not None:
+            if not isinstance(email, str) or verdicts[i] is not None:
                 return f"recipients[{i}]: invalid email address"
             if email != email.lower():
                 return f"recipients[{i}]: subscriber email address is mixed case"
@@ -316,10 +428,11 @@ def _request_problem(body: Any) -> str | None:
 
 
 def _apply_subscriptions(
-    subs: dict[str, Any], current: dict[str, Any] | None, member_of: set[str]
+    subs: dict[str, Any], current: str | None, member_of: set[str]
 ) -> tuple[str, set[str]]:
-    """remove, then add, then setReferred; returns (status, divisions)."""
-    status = (current or {}).get("status", "active")
+    """remove, then add, then setReferred, for a subscriber of status ``current`` (None:
+    new); returns (status, divisions)."""
+    status = current or "active"
     is_new = current is None
     remove = subs.get("remove") or []
     add = subs.get("add") or []
@@ -361,27 +474,23 @@ def _accepted(
         ticket_id, request_id, user, uri, ref, [accepted, processing, done], location
     )
     first = ticket_document(ticket_id, request_id, user, uri, ref, [accepted], None)
-    times = [_now()] * len(outcomes)  # processed together
+    at = _now()  # the recipients are processed together
+    ignored = [i for i, o in enumerate(outcomes) if o == "ignored"] if "ignored" in outcomes else []
+    completed = (
+        [i for i, o in enumerate(outcomes) if o == "completed"] if ignored else range(len(outcomes))
+    )
     results = {
         "id": async_id,
         "lastUpdated": done["time"],
         "counts": {
             "requested": len(recipients),
             "total": len(recipients),
-            "completed": outcomes.count("completed"),
-            "ignored": outcomes.count("ignored"),
+            "completed": len(completed),
+            "ignored": len(ignored),
             "failed": 0,
         },
-        "completed": [
-            {"index": i, "time": t}
-            for i, (o, t) in enumerate(zip(outcomes, times))
-            if o == "completed"
-        ],
+        "completed": [{"index": i, "time": at} for i in completed],
         "failed": [],
-        "ignored": [
-            {"index": i, "time": t}
-            for i, (o, t) in enumerate(zip(outcomes, times))
-            if o == "ignored"
-        ],
+        "ignored": [{"index": i, "time": at} for i in ignored],
     }
     return SendAnswer(YesmailStatus.ACCEPTED, first, ticket, results, outcomes)

@@ -50,7 +50,7 @@ from aiohttp import web
 from pipeline.config import JobPlan, MailpipeConfig
 from pipeline.engine.ondemand import columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
-from pipeline.engine.yesmail import SendAnswer, evaluate_send, ticket_document
+from pipeline.engine.yesmail import SendAnswer, evaluate_sends, ticket_document
 from pipeline.errors import MaestroResult, YesmailStatus
 from pipeline.payloads.maestro_subscribe import SUBSCRIBE_PATH
 from pipeline.payloads.yesmail import SEND_PATH
@@ -61,7 +61,7 @@ from pipeline.sandbox.inboxfirst import MailingLists, Refused, envelope
 from pipeline.store import Store
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
+    pass
 
 __all__ = ["Sandbox", "SandboxOptions", "running_sandbox"]
 
@@ -140,23 +140,6 @@ class _Aggregator(Generic[T, R]):
                 await self._gather()  # answer these before judging the next calls
         finally:
             self.task = None
-
-
-class _Joined(Store):
-    """The store with every :meth:`begin` inside one transaction already open.
-
-    Consecutive Yesmail requests are judged in one transaction: a commit writes
-    every page its transaction touched, so one commit for several requests costs
-    far less than one each. Shares the store's engine; nothing of its own to close.
-    """
-
-    def __init__(self, store: Store, conn: Connection) -> None:  # no super(): not a new store
-        self.__dict__.update(store.__dict__)
-        self._conn = conn
-
-    @contextmanager
-    def begin(self) -> Iterator[Connection]:
-        yield self._conn
 
 
 class _Ticket:
@@ -412,9 +395,7 @@ class Sandbox:
     def _answer_sends(self, calls: list[tuple[Any, str, str | None]]) -> list[SendAnswer]:
         """Requests that arrived together, judged one after the other in one transaction (a
         refused one stores nothing, as alone)."""
-        with self.store.begin() as conn:
-            joined = _Joined(self.store, conn)
-            return [evaluate_send(joined, body, user, ref, self.base) for body, user, ref in calls]
+        return evaluate_sends(self.store, calls, self.base)
 
     async def _process(self, ticket: _Ticket) -> None:
         """accepted → processing → completed; the async results appear at the end."""
