@@ -75,6 +75,13 @@ def measure(
     return result
 
 
+def fresh(db: Path) -> None:
+    """No SQLite store at ``db``: the file and any WAL an earlier run left beside it (a
+    copied database next to an old WAL is a corrupt one)."""
+    for extra in ("", "-wal", "-shm"):
+        Path(f"{db}{extra}").unlink(missing_ok=True)
+
+
 def stage_seconds(runs_dir: Path) -> dict[str, float]:
     """The stage times the run wrote to its manifest (extract, normalize and build run
     together: one figure, ``build``)."""
@@ -162,7 +169,8 @@ def main() -> None:
             [PY, str(BENCH / "floor.py"), str(orders), str(OUT / "floor.jsonl")],
             rows,
         )
-    scratch_store = OUT / "scratch.db"
+    scratch_store = OUT / "scratch.db"  # the build runs' (empty) ledger: made afresh
+    fresh(scratch_store)
     for job in ("order-confirmation", "order-followup"):
         if not on(f"build {job}"):
             continue
@@ -186,6 +194,7 @@ def main() -> None:
     if on("simulate order-confirmation"):
         store = ensure_store(1_000_000)
         work_store = OUT / "store.db"
+        fresh(work_store)
         shutil.copy(store, work_store)
         shutil.rmtree(OUT / "runs", ignore_errors=True)
         runs["simulate order-confirmation"] = measure(
@@ -203,9 +212,8 @@ def main() -> None:
         # the deliver stage alone, in a process of its own (its CPU time and memory), on
         # the same run directory and a fresh copy of the store
         (run_dir,) = (OUT / "runs").iterdir()
+        fresh(work_store)
         shutil.copy(store, work_store)
-        for extra in ("-wal", "-shm"):
-            Path(f"{work_store}{extra}").unlink(missing_ok=True)
         runs["simulate deliver stage"] = measure(
             "simulate deliver stage",
             [*MAILPIPE, "deliver", str(run_dir)],

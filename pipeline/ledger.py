@@ -133,6 +133,10 @@ class Ledger:
         # to finish/release when several chunks are in flight
         self.claim_seq = 0
 
+    def close(self) -> None:
+        """Close the ledger's store."""
+        self.store.close()
+
     # -- the run itself ----------------------------------------------------------------
 
     def start(self) -> None:

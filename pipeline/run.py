@@ -334,17 +334,21 @@ def _normalize(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
     refs = _input_refs(manifest["inputs"])
     detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
     ledger = _ledger(run, cfg)
-    for name in manifest["jobs"]:
-        plan = cfg.plan(name)
-        norm = _normalizer(run, cfg, name, refs, ledger)
-        with run.stage_writer("normalize", name, norm.schema) as out:
-            step = _NormalizeStep(norm, out, progress)
-            for batch in run.stage_reader("extract", plan.source_name):
-                for _ in step.feed(batch):
+    try:
+        for name in manifest["jobs"]:
+            plan = cfg.plan(name)
+            norm = _normalizer(run, cfg, name, refs, ledger)
+            with run.stage_writer("normalize", name, norm.schema) as out:
+                step = _NormalizeStep(norm, out, progress)
+                for batch in run.stage_reader("extract", plan.source_name):
+                    for _ in step.feed(batch):
+                        pass
+                for _ in step.finish():
                     pass
-            for _ in step.finish():
-                pass
-        detail[name] = {"recipients": norm.recipients}
+            detail[name] = {"recipients": norm.recipients}
+    finally:
+        if ledger is not None:
+            ledger.close()
     run.update_manifest(counts=manifest["counts"])
 
 
@@ -415,6 +419,9 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
             manifest["stages"][stage].update(state="failed", error=str(e)[:500])
         run.write_manifest(manifest)
         raise
+    finally:
+        if ledger is not None:
+            ledger.close()
     hashed = digests.result()
     hashing.shutdown()
     for entry in manifest["inputs"]:
@@ -478,17 +485,21 @@ def _deliver(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
         cfg = cfg.model_copy(
             update={"delivery": cfg.delivery.model_copy(update={"mode": "simulate"})}
         )
-    for name in manifest["jobs"]:
-        deliver_job(
-            run,
-            cfg,
-            cfg.plan(name),
-            progress,
-            ledger=ledger,
-            resend=name in opts.resend,
-            dry_run=opts.dry_run,
-            rate=opts.rate,
-        )
+    try:
+        for name in manifest["jobs"]:
+            deliver_job(
+                run,
+                cfg,
+                cfg.plan(name),
+                progress,
+                ledger=ledger,
+                resend=name in opts.resend,
+                dry_run=opts.dry_run,
+                rate=opts.rate,
+            )
+    finally:
+        if ledger is not None:
+            ledger.close()
     run.update_manifest(mode=cfg.delivery.mode)
 
 
@@ -588,6 +599,7 @@ def _run_stages(run: RunDir, cfg: MailpipeConfig, until: str, progress: Progress
     finally:
         if ledger is not None:
             ledger.stop()
+            ledger.close()
     if not summary:
         summary = {
             "run_id": run.run_id,

@@ -17,9 +17,11 @@ rows, and the ledger has no index by state.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import hashlib
 import secrets
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,6 +212,7 @@ class Store:
             ) from None
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        _OPEN.add(self)
         self._ensure_schema()
 
     def _ensure_schema(self) -> None:
@@ -266,6 +269,8 @@ class Store:
             yield conn
 
     def close(self) -> None:
+        """Close the connections: SQLite then checkpoints its WAL into the database file
+        and removes it (a copy of the file alone is then the whole store)."""
         self.engine.dispose()
 
     # -- lookups (one query per chunk of keys, never one per row) -------------------
@@ -622,6 +627,17 @@ class Store:
 
 def profile_json(profile: dict[str, Any]) -> str:
     return orjson.dumps(profile, option=orjson.OPT_SORT_KEYS).decode()
+
+
+# every store not yet closed, closed when the process exits (the CLI leaves without the
+# interpreter's teardown, which would otherwise be what closes them)
+_OPEN: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for store in list(_OPEN):
+        store.close()
 
 
 def _claims_out_of_ledger(conn: Connection) -> None:

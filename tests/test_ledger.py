@@ -363,3 +363,23 @@ def test_a_claim_on_sqlite_holds_its_keys_until_finished(tmp_path: Path) -> None
         conn.execute(runs.update().where(runs.c.run_id == "run-a").values(heartbeat=0.0))
     assert second.in_doubt("confirm") == [("k:3", "run-a", "b-3")]
     store.close()
+
+
+def test_a_finished_run_leaves_the_store_in_one_file(setup: dict[str, Any]) -> None:
+    """The command exits without the interpreter's teardown; its stores are closed all the
+    same, so SQLite folds the WAL into the database file: a copy of that file alone is
+    the whole store."""
+    (setup["tmp"] / "data" / "orders.csv").write_text(orders(40))
+    cfg = write_config(setup, chunk=10, batch=10)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", cfg], capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    state = setup["tmp"] / "state"
+    assert not (state / "mailpipe.db-wal").exists()
+    copy = setup["tmp"] / "copy.db"
+    copy.write_bytes((state / "mailpipe.db").read_bytes())
+    with sqlite3.connect(copy) as db:
+        assert db.execute("SELECT count(*) FROM ledger WHERE state = 'completed'").fetchone() == (
+            40,
+        )
