@@ -722,3 +722,22 @@ def test_the_sandbox_store_is_checkpointed_by_a_thread_not_by_commits(tmp_path: 
     finally:
         checkpointer.stop()
         store.close()
+
+
+def test_an_http_rerun_in_chunks_sends_nothing_again(setup: Setup, sandbox: Any) -> None:
+    """Chunks whose records the ledger settled are not sent (even while the chunk before
+    is being recorded); a grown file sends only its new rows, in their own chunk."""
+    env = env_of(sandbox, setup, MAILPIPE_RUN_CHUNK_ROWS="4")
+    args = ["run", "--config", setup.config("client"), "--mode", "http", "--job", "confirm"]
+    assert cli(args, env=env).exit_code == 1  # some rows fail on purpose
+    first_dir = last_run(setup.out("client"))
+    first = check_run_dir(first_dir)
+    calls = sandbox.requests["trigger"]
+    data = setup.tmp / "data" / "orders.csv"
+    data.write_text(data.read_text() + "14,zoe@example.com,Zoe,C10,true\n")
+    assert cli(args, env=env).exit_code == 0
+    again = check_run_dir(last_run(setup.out("client")))
+    assert [r["status"] for r in again[:-1]] == ["ignored"] * len(first)
+    assert {r["earlier_run"] for r in again[:-1]} == {first_dir.name}
+    assert again[-1]["status"] == "completed" and again[-1]["email"] == "zoe@example.com"
+    assert sandbox.requests["trigger"] == calls + 1  # only Zoe's batch went out
