@@ -161,7 +161,7 @@ def evaluate_ondemand(
     perr = rc.profile_error.to_numpy(zero_copy_only=False)
     settle(perr != None, R.PROFILE_VALIDATION_ERROR, perr)  # noqa: E711
     emails = verdict.email.to_pylist()
-    keys = np.array([(e or "").lower() for e in emails], dtype=object)
+    keys = _store_keys(verdict.email)
     open_ = code == None  # noqa: E711
     day = today or dt.date.today().isoformat()
     with store.begin() as conn:
@@ -174,6 +174,17 @@ def evaluate_ondemand(
         if log is not None:
             log(conn, list(code), list(message))
     return OnDemandAnswer(None, list(code), list(message))
+
+
+def _store_keys(emails: pa.Array) -> np.ndarray:
+    """Each address as the store matches it (``str.lower``; "" for none): pyarrow's ASCII
+    lower-casing for ASCII addresses, Python's for the few others."""
+    text = pc.fill_null(emails, "")
+    keys: np.ndarray = pc.ascii_lower(text).to_numpy(zero_copy_only=False)
+    other = np.flatnonzero(~to_bool_np(pc.string_is_ascii(text)))
+    for i in other.tolist():
+        keys[i] = str(keys[i]).lower()
+    return keys
 
 
 def _rounds(
