@@ -9,6 +9,19 @@ the benchmark's 1,000,000-subscriber store that was half the engine's time
 never checkpoint; :class:`Checkpointer` does it from a thread every
 ``every`` seconds (``PASSIVE``: it waits for no reader nor writer, and the
 sqlite3 module lets go of the GIL while it runs, so the event loop goes on).
+
+A ``PASSIVE`` checkpoint alone never lets the log start over: a writer
+restarts it only if no frame was added since the last checkpoint, and the
+sandbox writes all the time, so the WAL grew by every page ever written (1.8
+GB for the benchmark's million rows, and a third more engine time: each
+commit extended the file). So each ``PASSIVE`` pass is followed by a
+``RESTART``: it copies the few frames added meanwhile and makes the next
+writer start the log over. It holds writers back while it waits for readers,
+so it waits at most ``RESTART_WAIT_MS`` (a busy answer just skips the
+restart); the engine's transactions start by writing (the sqlite3 module's
+implicit ``BEGIN``), so they wait for it rather than fail. Benchmark engine,
+1,000,000 rows, 5 requests a transaction: 13.4 s with ``PASSIVE`` alone,
+9.2 s with the restart.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ import sqlalchemy as sa
 from pipeline.store import Store
 
 __all__ = ["Checkpointer"]
+
+RESTART_WAIT_MS = 50
 
 
 def _no_autocheckpoint(dbapi_conn: Any, _record: Any) -> None:
@@ -60,9 +75,10 @@ class Checkpointer:
         assert self.path is not None
         conn = sqlite3.connect(self.path, check_same_thread=False)
         try:
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
             conn.execute("PRAGMA synchronous=NORMAL")
             while not self._stop.wait(self.every):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
         finally:
             conn.close()
