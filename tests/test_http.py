@@ -741,3 +741,25 @@ def test_an_http_rerun_in_chunks_sends_nothing_again(setup: Setup, sandbox: Any)
     assert {r["earlier_run"] for r in again[:-1]} == {first_dir.name}
     assert again[-1]["status"] == "completed" and again[-1]["email"] == "zoe@example.com"
     assert sandbox.requests["trigger"] == calls + 1  # only Zoe's batch went out
+
+
+def test_tickets_are_first_polled_after_the_time_tickets_take(setup: Setup) -> None:
+    """Once tickets have completed, the next ones are first read after about as long as
+    those took: mostly one GET a ticket, not a GET every poll_interval (2 ms here)."""
+    options = SandboxOptions(ticket_delay=0.03)  # 60 ms from accepted to completed
+    with running_sandbox(load_config(setup.config("sandbox"), env={}), options) as box:
+        env = env_of(
+            box,
+            setup,
+            MAILPIPE_RUN_CHUNK_ROWS="4",  # chunk after chunk
+            MAILPIPE_DELIVERY_HTTP_POLL_MAX_INTERVAL="1",
+        )
+        done = cli(
+            ["run", "--config", setup.config("client"), "--mode", "http", "--job", "followup"],
+            env=env,
+        )
+        assert done.exit_code == 1, done.output  # some rows fail on purpose
+        tickets, reads = len(box.tickets), box.requests["ticket"]
+    assert tickets >= 3
+    # polled every 2, 4, 8 … ms, each ticket would be read about 5 times
+    assert reads < 3 * tickets, (reads, tickets)
