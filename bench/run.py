@@ -89,7 +89,11 @@ def stage_seconds(runs_dir: Path) -> dict[str, float]:
     if not manifests:
         return {}
     stages = orjson.loads(manifests[-1].read_bytes()).get("stages", {})
-    return {k: v["seconds"] for k, v in stages.items() if k not in ("extract", "normalize")}
+    return {
+        k: v["seconds"]
+        for k, v in stages.items()
+        if k not in ("extract", "normalize") and v.get("seconds") is not None
+    }
 
 
 def ensure_orders(rows: int) -> Path:
