@@ -173,8 +173,13 @@ def main() -> None:
             [PY, str(BENCH / "floor.py"), str(orders), str(OUT / "floor.jsonl")],
             rows,
         )
-    scratch_store = OUT / "scratch.db"  # the build runs' (empty) ledger: made afresh
+    scratch_store = OUT / "scratch.db"  # the build runs' (empty) ledger: made afresh, once
     fresh(scratch_store)
+    subprocess.run(
+        [PY, "-c", f"from pipeline.store import Store; Store('sqlite:///{scratch_store}').close()"],
+        check=True,
+        cwd=ROOT,
+    )
     for job in ("order-confirmation", "order-followup"):
         if not on(f"build {job}"):
             continue
