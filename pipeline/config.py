@@ -341,9 +341,10 @@ class SmtpConfig(_Model):
 class HttpConfig(_Model):
     """``http`` mode and ``mailpipe lists``: endpoints, limits, and where the secrets are.
 
-    ``rate`` is requests per second (0: no limit); a Yesmail ticket is polled
-    after ``poll_interval`` seconds, doubling up to ``poll_max_interval``, for
-    at most ``ticket_timeout`` seconds.
+    ``rate`` is requests per second (0: no limit); a Yesmail ticket is first
+    polled after about the time tickets have been taking (at least
+    ``poll_interval``, at most ``poll_max_interval`` seconds), then at doubling
+    intervals up to ``poll_max_interval``, for at most ``ticket_timeout`` seconds.
     """
 
     timeout: float = Field(default=30.0, gt=0)
