@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.payloads.base import _KEEP
 
-__all__ = ["percent_encode", "percent_encode_parts", "quote_text"]
+__all__ = ["percent_encode", "quote_text"]
 
 _HEX = np.frombuffer(b"0123456789ABCDEF", dtype=np.uint8)
 _PERCENT = ord("%")
@@ -43,31 +43,6 @@ def percent_encode(raw: bytes) -> bytes:
     out[at + 1] = _HEX[byte >> 4]
     out[at + 2] = _HEX[byte & 15]
     return out.tobytes()
-
-
-def percent_encode_parts(raw: bytes, cuts: list[int]) -> tuple[bytes, list[int]]:
-    """``raw`` encoded in one pass, and where each byte offset of ``cuts`` lands in it.
-
-    Encoding a run of batches at once costs a fraction of encoding each alone;
-    ``encoded[at[i]:at[j]]`` is then ``percent_encode(raw[cuts[i]:cuts[j]])``.
-    """
-    data = np.frombuffer(raw, dtype=np.uint8)
-    escape = ~_KEEP[data]
-    width = np.where(escape, 3, 1)
-    ends = np.cumsum(width)
-    at = np.concatenate(([0], ends))[np.asarray(cuts, dtype=np.int64)].tolist()
-    if not escape.any():
-        return raw, at
-    starts = ends - width
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
-    keep = ~escape
-    out[starts[keep]] = data[keep]
-    pos = starts[escape]
-    byte = data[escape]
-    out[pos] = _PERCENT
-    out[pos + 1] = _HEX[byte >> 4]
-    out[pos + 2] = _HEX[byte & 15]
-    return out.tobytes(), at
 
 
 # yarl's C quoter (yarl comes with aiohttp) leaves RFC 3986's sub-delims as they are, which
