@@ -202,19 +202,26 @@ class Ledger:
         """Keys of unfinished claims of other runs (SQLite): pending, whatever the ledger
         said of them before. Normally none: a stopped run's are settled before sending."""
         out: dict[str, Entry] = {}
-        rows = conn.execute(
-            sa.select(claims.c.run_id, claims.c.members)
-            .where(claims.c.job == job, claims.c.run_id != self.run_id)
-            .order_by(claims.c.run_id, claims.c.seq)
-        ).all()
-        if not rows:
-            return out
-        wanted = set(keys)
-        for run_id, blob in rows:
-            for key in orjson.loads(blob)[0]:
+        wanted: set[str] | None = None
+        for run_id, claimed, _ in self._claims(conn, job):
+            if run_id == self.run_id:
+                continue
+            wanted = set(keys) if wanted is None else wanted
+            for key in claimed:
                 if key in wanted:
                     out[key] = Entry("pending", False, run_id, None)
         return out
+
+    @staticmethod
+    def _claims(conn: Connection, job: str) -> Iterator[tuple[str, list[str], list[str | None]]]:
+        """(run, keys, batches) of every unfinished claim of the job, in claiming order."""
+        for run_id, blob in conn.execute(
+            sa.select(claims.c.run_id, claims.c.members)
+            .where(claims.c.job == job)
+            .order_by(claims.c.run_id, claims.c.seq)
+        ):
+            keys, batches = orjson.loads(blob)
+            yield run_id, keys, batches
 
     def _entries(self, conn: Connection, job: str, keys: Sequence[str]) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
@@ -467,15 +474,9 @@ class Ledger:
                 )
                 return [(k, r, b) for k, r, b in rows if r not in live]
             found: dict[str, tuple[str, str | None]] = {}
-            for run_id, blob in conn.execute(
-                sa.select(claims.c.run_id, claims.c.members)
-                .where(claims.c.job == job)
-                .order_by(claims.c.run_id, claims.c.seq)
-            ):
-                if run_id in live:
-                    continue
-                keys, batches = orjson.loads(blob)
-                found.update((k, (run_id, b)) for k, b in zip(keys, batches))
+            for run_id, keys, batches in self._claims(conn, job):
+                if run_id not in live:
+                    found.update((k, (run_id, b)) for k, b in zip(keys, batches))
             if not found:
                 return []
             # a run stopped by the platform records what was answered, then gives the rest
@@ -501,26 +502,26 @@ class Ledger:
     def settle_doubt(
         self,
         job: str,
-        owners: Mapping[str, tuple[str, str | None]],
+        owners: Mapping[str, str],
         decided: Mapping[str, tuple[str, bool, dict[str, Any] | None]],
         skipped: Sequence[str],
         resent: Sequence[str],
     ) -> None:
-        """Record how in-doubt keys were resolved. ``owners``: each key's run (which keeps
-        the entry) and batch. Resent keys lose any entry: this run sends them."""
+        """Record how in-doubt keys were resolved. ``owners``: each key's run, which keeps
+        the entry. Resent keys lose any entry: this run sends them."""
         with self.store.begin() as conn:
             stamp = now()
             if self._chunked:
                 by_run: dict[str, list[tuple[str, str, bool, str | None]]] = {}
                 for k, (st, t, o) in decided.items():
-                    by_run.setdefault(owners[k][0], []).append(
+                    by_run.setdefault(owners[k], []).append(
                         (k, st, t, orjson.dumps(o).decode() if o else None)
                     )
                 for k in skipped:
-                    by_run.setdefault(owners[k][0], []).append((k, "doubt", False, None))
+                    by_run.setdefault(owners[k], []).append((k, "doubt", False, None))
                 for run_id, rows in by_run.items():
                     self._write(conn, job, Answers.of(rows), run_id)
-                for run_id in sorted({r for r, _ in owners.values()}):
+                for run_id in sorted(set(owners.values())):
                     conn.execute(
                         claims.delete().where(claims.c.run_id == run_id, claims.c.job == job)
                     )

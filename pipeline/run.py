@@ -8,6 +8,7 @@ creates a run directory and chains them.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -110,14 +111,19 @@ class RunOptions:
         )
 
 
-def _ledger(run: RunDir, cfg: MailpipeConfig) -> Ledger | None:
-    """The ledger this run writes to."""
+@contextlib.contextmanager
+def _ledger(run: RunDir, cfg: MailpipeConfig) -> Iterator[Ledger]:
+    """The ledger this run writes to, its store closed after use."""
     from pipeline.ledger import Ledger  # SQLAlchemy: imported when a run needs the store
     from pipeline.store import Store
 
     # a dry run reads the ledger (what was sent stays unsent) but its writes are rolled back
     dry = RunOptions.from_json(run.manifest().get("options")).dry_run
-    return Ledger(Store(cfg.store.url, dry_run=dry), run.run_id)
+    ledger = Ledger(Store(cfg.store.url, dry_run=dry), run.run_id)
+    try:
+        yield ledger
+    finally:
+        ledger.close()
 
 
 def _normalizer(
@@ -333,8 +339,7 @@ def _normalize(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
     manifest = run.manifest()
     refs = _input_refs(manifest["inputs"])
     detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
-    ledger = _ledger(run, cfg)
-    try:
+    with _ledger(run, cfg) as ledger:
         for name in manifest["jobs"]:
             plan = cfg.plan(name)
             norm = _normalizer(run, cfg, name, refs, ledger)
@@ -346,9 +351,6 @@ def _normalize(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
                 for _ in step.finish():
                     pass
             detail[name] = {"recipients": norm.recipients}
-    finally:
-        if ledger is not None:
-            ledger.close()
     run.update_manifest(counts=manifest["counts"])
 
 
@@ -395,33 +397,30 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
     counter = BatchCounter()
     detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
     done: set[str] = set()
-    ledger = _ledger(run, cfg)
     try:
-        for name in manifest["jobs"]:
-            plan = cfg.plan(name)
-            src = plan.source_name
-            if src in done:
-                feed: Iterator[pa.RecordBatch] = iter(run.stage_reader("extract", src))
-            else:
-                feed = _extracted(run, cfg, src, sources[src], progress, digest=False)
-                done.add(src)
-            norm = _normalizer(run, cfg, name, refs, ledger)
-            with (
-                run.stage_writer("normalize", name, norm.schema) as nout,
-                run.stage_writer("build", name, BUILD_SCHEMA) as bout,
-            ):
-                job = JobBuild(run, plan, counter, bout)
-                run_chain(feed, [_NormalizeStep(norm, nout, progress), job])
-            detail[name] = {"recipients": norm.recipients, **job.counts}
-            progress("build", job.counts["recipients"])
+        with _ledger(run, cfg) as ledger:
+            for name in manifest["jobs"]:
+                plan = cfg.plan(name)
+                src = plan.source_name
+                if src in done:
+                    feed: Iterator[pa.RecordBatch] = iter(run.stage_reader("extract", src))
+                else:
+                    feed = _extracted(run, cfg, src, sources[src], progress, digest=False)
+                    done.add(src)
+                norm = _normalizer(run, cfg, name, refs, ledger)
+                with (
+                    run.stage_writer("normalize", name, norm.schema) as nout,
+                    run.stage_writer("build", name, BUILD_SCHEMA) as bout,
+                ):
+                    job = JobBuild(run, plan, counter, bout)
+                    run_chain(feed, [_NormalizeStep(norm, nout, progress), job])
+                detail[name] = {"recipients": norm.recipients, **job.counts}
+                progress("build", job.counts["recipients"])
     except BaseException as e:
         for stage in ("extract", "normalize", "build"):
             manifest["stages"][stage].update(state="failed", error=str(e)[:500])
         run.write_manifest(manifest)
         raise
-    finally:
-        if ledger is not None:
-            ledger.close()
     hashed = digests.result()
     hashing.shutdown()
     for entry in manifest["inputs"]:
@@ -480,12 +479,11 @@ def _deliver(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
 
     manifest = run.manifest()
     opts = RunOptions.from_json(manifest.get("options"))
-    ledger = _ledger(run, cfg)
     if opts.dry_run:
         cfg = cfg.model_copy(
             update={"delivery": cfg.delivery.model_copy(update={"mode": "simulate"})}
         )
-    try:
+    with _ledger(run, cfg) as ledger:
         for name in manifest["jobs"]:
             deliver_job(
                 run,
@@ -497,9 +495,6 @@ def _deliver(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
                 dry_run=opts.dry_run,
                 rate=opts.rate,
             )
-    finally:
-        if ledger is not None:
-            ledger.close()
     run.update_manifest(mode=cfg.delivery.mode)
 
 
@@ -580,26 +575,23 @@ def _check_templates(cfg: MailpipeConfig, jobs: Sequence[str] | None) -> None:
 
 
 def _run_stages(run: RunDir, cfg: MailpipeConfig, until: str, progress: Progress) -> RunOutcome:
-    ledger = _ledger(run, cfg)
-    if ledger is not None:
+    summary: dict[str, Any] = {}
+    stages = list(STAGES[: STAGES.index(until) + 1])
+    with _ledger(run, cfg) as ledger:
         ledger.start()
         doubt = resolve_in_doubt(run, cfg, ledger)
         if doubt:
             run.update_manifest(in_doubt=doubt)
-    summary: dict[str, Any] = {}
-    stages = list(STAGES[: STAGES.index(until) + 1])
-    try:
-        if stages[:3] == ["extract", "normalize", "build"]:
-            _build_stages_together(run, cfg, progress)
-            stages = stages[3:]
-        for stage in stages:
-            result = run_stage(run, cfg, stage, progress)
-            if stage == "report":
-                summary = result
-    finally:
-        if ledger is not None:
+        try:
+            if stages[:3] == ["extract", "normalize", "build"]:
+                _build_stages_together(run, cfg, progress)
+                stages = stages[3:]
+            for stage in stages:
+                result = run_stage(run, cfg, stage, progress)
+                if stage == "report":
+                    summary = result
+        finally:
             ledger.stop()
-            ledger.close()
     if not summary:
         summary = {
             "run_id": run.run_id,
@@ -637,7 +629,7 @@ def resolve_in_doubt(run: RunDir, cfg: MailpipeConfig, ledger: Ledger) -> dict[s
         # asked, and the platform does not know them: certainly not sent, so send them now
         resent = rest if asked or opts.in_doubt == "resend" else []
         skipped = [] if asked or opts.in_doubt == "resend" else rest
-        ledger.settle_doubt(job, {k: (r, b) for k, r, b in doubts}, decided, skipped, resent)
+        ledger.settle_doubt(job, {k: r for k, r, _ in doubts}, decided, skipped, resent)
         found[job] = {
             "found": len(keys),
             "answered_by_platform": len(decided),

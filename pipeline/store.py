@@ -12,7 +12,8 @@ refused rather than misread.
 
 Versions: 1 — the first; 2 — on SQLite, the chunks a run has claimed but not
 finished live in ``claims`` (one row a chunk) instead of as ``pending`` ledger
-rows, and the ledger has no index by state.
+rows, and the ledger has no index by state; 3 — the index ``subscribers_state``
+replaces ``subscribers_by_email`` (every lookup names the list).
 """
 
 from __future__ import annotations

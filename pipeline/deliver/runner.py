@@ -236,12 +236,19 @@ def _deliver_chunk(
     c = _claim(chunk, plan, ledger, resend)
     fault("after-claim")
     try:
-        got = conform(backend.deliver(c.sent, files)) if c.sent.rows.num_rows else None
+        got = _send(backend, c, files)
     except DeliveryStopped as stop:
         _stopped(ledger, plan, c, stop)
         raise
     fault("after-send")
     return _settle(ledger, plan, c, got)
+
+
+def _send(backend: Backend, c: _Claimed, files: BatchFileWriter | _ChunkFiles) -> pa.Table | None:
+    """The answers of a claimed chunk's recipients (None: it claimed none)."""
+    if not c.sent.rows.num_rows:
+        return None
+    return conform(backend.deliver(c.sent, files))  # type: ignore[arg-type]
 
 
 def _settle(ledger: Ledger, plan: JobPlan, c: _Claimed, got: pa.Table | None) -> pa.Table:
@@ -287,11 +294,6 @@ def _overlapped(
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    def send(c: _Claimed, buf: _ChunkFiles) -> pa.Table | None:
-        if not c.sent.rows.num_rows:
-            return None
-        return conform(backend.deliver(c.sent, buf))  # type: ignore[arg-type]
-
     def land(c: _Claimed, fut: Future[pa.Table | None], buf: _ChunkFiles) -> pa.Table | None:
         """Wait for a chunk's answers; record them (or, stopped, what was answered)."""
         try:
@@ -317,7 +319,7 @@ def _overlapped(
                 # the chunk before must be answered before the next goes: batches keep order
                 got = land(*last)
             buf = _ChunkFiles()
-            flight = (unsent, pool.submit(send, unsent, buf), buf)
+            flight = (unsent, pool.submit(_send, backend, unsent, buf), buf)
             unsent = None
             if last is not None:
                 yield last[0].chunk, _settle(ledger, plan, last[0], got)

@@ -9,6 +9,7 @@ the store to one query per chunk of recipients.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -89,14 +90,16 @@ class SimulateBackend:
         n = rows.num_rows
         keys = self._keys(rows)
 
+        answered: list[_Answers] = []  # built once: for the platform's log and the files
+
         def log(conn: Any, codes: list[MaestroResult], msgs: list[str | None]) -> None:
-            code_col = pa.array(codes, pa.string())
-            ok = pc.equal(code_col, MaestroResult.SUCCESS.value)
+            a = _Answers.of(codes, msgs)
+            answered.append(a)
             said = pc.binary_join_element_wise(
                 '{"status":"',
-                pc.if_else(ok, "completed", "failed"),
+                pc.if_else(a.ok, "completed", "failed"),
                 '",',
-                pc.utf8_slice_codeunits(_bodies(code_col, pa.array(msgs, pa.string())), 1),
+                pc.utf8_slice_codeunits(a.body, 1),
                 "",
             )
             log_platform(conn, self.plan.name, keys, said)
@@ -118,12 +121,8 @@ class SimulateBackend:
                 error=[err.error] * n,
                 time=[now] * n,
             )
-        codes = pa.array(answer.result, pa.string())  # a StrEnum member is its code
-        errors = _errors(codes)
-        messages = pa.array(answer.message, pa.string())
-        ok = pc.equal(codes, MaestroResult.SUCCESS.value)
-        body = _bodies(codes, messages)
-        commas = with_commas(body)
+        a = answered[0] if answered else _Answers.of(answer.result, answer.message)
+        commas = with_commas(a.body)
         offsets = np.frombuffer(commas.buffers()[1], dtype=np.int32)[
             commas.offset : commas.offset + n + 1
         ]
@@ -133,10 +132,10 @@ class SimulateBackend:
         return pa.table(
             {
                 "_rec": recs,
-                "status": pc.if_else(ok, "completed", "failed"),
-                "result": codes,
-                "error": errors,
-                "message": messages,
+                "status": pc.if_else(a.ok, "completed", "failed"),
+                "result": a.codes,
+                "error": a.errors,
+                "message": a.messages,
                 "reason": pa.nulls(n, pa.string()),
                 "ticket": pa.nulls(n, pa.string()),
                 "state": pa.nulls(n, pa.string()),
@@ -319,21 +318,32 @@ _CODES = pa.array([r.value for r in MaestroResult], pa.string())
 _ERROR_TEXTS = pa.array([r.error or None for r in MaestroResult], pa.string())
 
 
-def _errors(codes: pa.Array) -> pa.Array:
-    """Each result code's documented ``error`` text (none for SUCCESS)."""
-    return _ERROR_TEXTS.take(pc.index_in(codes, _CODES))
+@dataclass
+class _Answers:
+    """The engine's per-recipient answers as columns, with each documented response body:
+    {"result":"SUCCESS"} or {"result":CODE,"error":TEXT[,"message":…]}."""
 
+    codes: pa.Array
+    errors: pa.Array
+    messages: pa.Array
+    ok: pa.Array
+    body: pa.Array
 
-def _bodies(codes: pa.Array, messages: pa.Array) -> pa.Array:
-    """{"result":"SUCCESS"} or {"result":CODE,"error":TEXT[,"message":…]}, per recipient."""
-    return pc.binary_join_element_wise(
-        '{"result":"',
-        codes,
-        '"',
-        pc.binary_join_element_wise(',"error":"', _errors(codes), '"', ""),
-        pc.binary_join_element_wise(',"message":', string_literal(messages, None), ""),
-        "}",
-        "",
-        null_handling="replace",
-        null_replacement="",
-    )
+    @classmethod
+    def of(cls, result: list[MaestroResult], message: list[str | None]) -> _Answers:
+        codes = pa.array(result, pa.string())  # a StrEnum member is its code
+        errors = _ERROR_TEXTS.take(pc.index_in(codes, _CODES))
+        messages = pa.array(message, pa.string())
+        body = pc.binary_join_element_wise(
+            '{"result":"',
+            codes,
+            '"',
+            pc.binary_join_element_wise(',"error":"', errors, '"', ""),
+            pc.binary_join_element_wise(',"message":', string_literal(messages, None), ""),
+            "}",
+            "",
+            null_handling="replace",
+            null_replacement="",
+        )
+        ok = pc.equal(codes, MaestroResult.SUCCESS.value)
+        return cls(codes, errors, messages, ok, body)
