@@ -1070,6 +1070,33 @@ def test_yesmail_set_referred_new_or_not_subscribed(store: Store) -> None:
     assert_400(bad, "recipients[0]: setReferred must be newOnly or newOrNotSubscribed")
 
 
+@pytest.mark.parametrize(
+    ("recipient", "problem"),
+    [
+        ({"subscriptions": {"add": "A"}}, "subscriptions.add must be an array of strings"),
+        ({"subscriptions": {"add": [1]}}, "subscriptions.add must be an array of strings"),
+        (
+            {"subscriptions": {"remove": {"*": 1}}},
+            "subscriptions.remove must be an array of strings",
+        ),
+        (
+            {"subscriptions": {"isMemberOf": [None]}},
+            "subscriptions.isMemberOf must be an array of strings",
+        ),
+        ({"profile": ["x"]}, "profile.userAttrs must be an array of objects"),
+        ({"profile": {"userAttrs": {"a": "b"}}}, "profile.userAttrs must be an array of objects"),
+        ({"profile": {"userAttrs": ["a"]}}, "profile.userAttrs must be an array of objects"),
+    ],
+)
+def test_yesmail_400_malformed_subscriptions_or_profile(
+    store: Store, recipient: dict[str, Any], problem: str
+) -> None:
+    """Values of the wrong JSON type are invalid parameter values: a 400, nothing stored."""
+    bad = send(store, [{"email": "x@example.com", "id": "x", **recipient}])
+    assert_400(bad, f"recipients[0]: {problem}")
+    assert ym(store, "x@example.com") == (None, set())
+
+
 def test_yesmail_202_ticket_and_async_results(store: Store) -> None:
     ym_seed(store, "gone@example.com", {"A"}, status="unsubscribed")
     ym_seed(store, "dead@example.com", set(), status="dead")

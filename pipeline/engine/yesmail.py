@@ -421,9 +421,23 @@ def _recipient_problem(body: dict[str, Any], verdicts: list[str | None]) -> str 
         subs = r.get("subscriptions") or {}
         if not isinstance(subs, dict):
             return f"recipients[{i}]: subscriptions must be an object"
+        for name in ("add", "remove", "isMemberOf"):
+            names = subs.get(name)
+            if names is not None and not (
+                isinstance(names, list) and all(isinstance(n, str) for n in names)
+            ):
+                return f"recipients[{i}]: subscriptions.{name} must be an array of strings"
         ref = subs.get("setReferred")
         if ref is not None and ref not in ("newOnly", "newOrNotSubscribed"):
             return f"recipients[{i}]: setReferred must be newOnly or newOrNotSubscribed"
+        profile = r.get("profile")
+        if profile is not None:
+            attrs = profile.get("userAttrs") if isinstance(profile, dict) else None
+            if not isinstance(profile, dict) or not (
+                attrs is None
+                or (isinstance(attrs, list) and all(isinstance(a, dict) for a in attrs))
+            ):
+                return f"recipients[{i}]: profile.userAttrs must be an array of objects"
     return None
 
 
