@@ -150,14 +150,22 @@ def test_records_without_a_key_are_keyed_by_file_and_line(setup: dict[str, Any])
 
 
 @pytest.mark.parametrize(
-    ("fault", "resolved"), [("after-claim:2", "resent"), ("after-send:2", "answered_by_platform")]
+    ("fault", "found", "answered", "completed"),
+    [
+        # chunk 1 claimed, never handed to the platform
+        ("after-claim:1", 20, 0, 100),
+        # chunk 1 recorded; chunk 2 answered by the platform, not recorded; chunk 3 claimed
+        # while chunk 2 was on its way, not sent (simulate sends a chunk while recording
+        # the one before, so two chunks are in doubt)
+        ("after-send:2", 40, 20, 60),
+    ],
 )
 def test_a_crash_is_resolved_by_the_next_run(
-    setup: dict[str, Any], fault: str, resolved: str
+    setup: dict[str, Any], fault: str, found: int, answered: int, completed: int
 ) -> None:
     """Killed between claiming a chunk and sending it, or between sending and recording:
-    the next run finds the records in doubt, asks the simulated platform, and every
-    record ends sent exactly once."""
+    the next run finds the records in doubt, asks the simulated platform, sends what it
+    never processed, and every record ends sent exactly once."""
     (setup["tmp"] / "data" / "orders.csv").write_text(orders(100))
     cfg = write_config(setup, chunk=20, batch=10)
     killed = subprocess.run(
@@ -171,9 +179,11 @@ def test_a_crash_is_resolved_by_the_next_run(
     rows = check_run_dir(last)
     manifest = orjson.loads((last / "manifest.json").read_bytes())
     doubt = manifest["in_doubt"]["confirm"]
-    assert doubt["found"] == 20 and doubt[resolved] == 20
+    assert doubt["found"] == found
+    assert doubt["answered_by_platform"] == answered
+    assert doubt["resent"] == found - answered
     assert all(r["status"] in ("completed", "ignored") for r in rows)
-    assert sum(r["status"] == "completed" for r in rows) == (80 if resolved == "resent" else 60)
+    assert sum(r["status"] == "completed" for r in rows) == completed
     assert sends(setup["tmp"]) == {f"k:{i}": 1 for i in range(1, 101)}
 
 
@@ -183,7 +193,7 @@ def test_in_doubt_without_a_platform_to_ask_follows_the_policy(setup: dict[str, 
     cfg = write_config(setup, chunk=10, batch=10)
     subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "run", "--config", cfg],
-        env={**os.environ, "MAILPIPE_FAULT": "after-claim:2"},
+        env={**os.environ, "MAILPIPE_FAULT": "after-claim:1"},
         capture_output=True,
     )
     from pipeline.config import load_config
