@@ -50,7 +50,7 @@ CLIENT_ENV = {
 }
 
 sys.path.insert(0, str(BENCH))
-from run import ensure_orders, ensure_store  # noqa: E402
+from run import FREED_INODES_AGE_S, ensure_orders, ensure_store  # noqa: E402
 
 
 def free_port() -> int:
@@ -128,11 +128,15 @@ def export_env(lines: str) -> dict[str, str]:
 
 def bench_job(job: str, orders: Path, store: Path, profile: bool) -> dict[str, Any]:
     work = OUT / job
-    shutil.rmtree(work, ignore_errors=True)
+    if work.exists():  # left by an interrupted run: its freed inodes slow new files a while
+        shutil.rmtree(work, ignore_errors=True)
+        os.sync()
+        time.sleep(FREED_INODES_AGE_S)
     work.mkdir(parents=True)
     stores = {n: work / f"{n}.db" for n in ("simulate", "sandbox", "client")}
     for path in stores.values():
         shutil.copy(store, path)
+    os.sync()  # the copies written back before anything is measured
     base = {"MAILPIPE_SOURCES_ORDERS_PATH": str(orders)}
 
     sim_out = work / "simulate-runs"
@@ -247,9 +251,7 @@ def bench_job(job: str, orders: Path, store: Path, profile: bool) -> dict[str, A
             "client": summarize(work / "client.profile.txt", "deliver_job"),
             "sandbox": summarize(work / "sandbox.profile.txt"),
         }
-    shutil.rmtree(work / "simulate-runs", ignore_errors=True)
-    shutil.rmtree(work / "http-runs", ignore_errors=True)
-    for path in stores.values():
+    for path in stores.values():  # the run trees stay until every job has run (see main)
         path.unlink(missing_ok=True)
     return result
 
@@ -320,6 +322,8 @@ def main() -> None:
             print("      by leaf function:")
             for name, pct in p["leaf"]:
                 print(f"        {pct:5.1f}%  {name}")
+    for job in args.job or list(TARGETS):
+        shutil.rmtree(OUT / job, ignore_errors=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
 
