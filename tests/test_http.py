@@ -763,3 +763,55 @@ def test_tickets_are_first_polled_after_the_time_tickets_take(setup: Setup) -> N
     assert tickets >= 3
     # polled every 2, 4, 8 … ms, each ticket would be read about 5 times
     assert reads < 3 * tickets, (reads, tickets)
+
+
+def test_a_prepared_chunk_is_sent_from_its_prepared_items_and_a_subset_rebuilds(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HttpBackend.prepare`` builds the request bodies ahead; the chunk's claimed part
+    (a subset) must not inherit them, or it would send recipients it did not claim."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.deliver.http import ChunkItems, HttpBackend, chunk_items
+    from pipeline.deliver.runner import Chunk
+
+    cfg = load_config(setup.config("unit"), env={})
+    plan = cfg.plan("followup")
+    monkeypatch.setenv(cfg.delivery.http.api_user_env or "", "user")
+    monkeypatch.setenv(cfg.delivery.http.api_key_env or "", "key")
+    backend = HttpBackend(cfg, plan)
+    rows = pa.table(
+        {
+            "_rec": pa.array([0, 1, 2], pa.int64()),
+            "_esc": pa.array([False] * 3),
+            "email": ["a@example.com", "b@example.com", "a@example.com"],
+            "record_id": ["1", "2", "3"],
+            **{
+                f"f:{name}": pa.array([None] * 3, pa.string())
+                for name in plan.fields
+                if plan.field_spec(name).type != "number"
+            },
+            **{
+                f"f:{name}": pa.array([None] * 3, pa.int64())
+                for name in plan.fields
+                if plan.field_spec(name).type == "number"
+            },
+        }
+    )
+    chunk = Chunk(plan.target, rows, np.array([1, 2]), np.array([0, 2, 3]))
+    fresh = chunk_items(backend.builder, chunk)
+    backend.prepare(chunk)
+    assert isinstance(chunk.prepared, ChunkItems)
+    assert chunk_items(backend.builder, chunk) is chunk.prepared
+    assert bytes(chunk.prepared.data) == bytes(fresh.data)
+    assert chunk.prepared.deps == fresh.deps == [[], [0]]  # a@ is in both requests
+    part = chunk.subset(np.array([False, True, True]))
+    assert part.prepared is None
+    items = chunk_items(backend.builder, part)
+    sent = [
+        orjson.loads(bytes(items.data[items.offsets[i] : items.offsets[i + 1] - 1]))["email"]
+        for i in range(2)
+    ]
+    assert sent == ["b@example.com", "a@example.com"]  # the claimed rows, and only those
+    assert items.deps == [[], []]

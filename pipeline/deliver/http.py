@@ -42,10 +42,20 @@ from pipeline.deliver.simulate import outcome_table
 from pipeline.deliver.transport import Transport
 from pipeline.errors import ConfigError, DeliveryStopped
 from pipeline.payloads import builder_for
+from pipeline.payloads.base import Builder
+from pipeline.payloads.batching import with_commas
 from pipeline.retry import RetryPolicy
 from pipeline.rundir import BatchFileWriter
 
-__all__ = ["BatchAnswer", "HttpBackend", "Sender", "run_in_order", "unit_dependencies"]
+__all__ = [
+    "BatchAnswer",
+    "ChunkItems",
+    "HttpBackend",
+    "Sender",
+    "chunk_items",
+    "run_in_order",
+    "unit_dependencies",
+]
 
 
 @dataclass
@@ -59,6 +69,35 @@ class BatchAnswer:
     response: bytes
     cols: dict[str, list[Any]] = field(default_factory=dict)
     answered: list[int] | None = None
+
+
+@dataclass
+class ChunkItems:
+    """A chunk's recipient objects as one comma-separated buffer (item ``i`` is
+    ``data[offsets[i]:offsets[i + 1] - 1]``) and, per request, the earlier requests
+    it must wait for: what a sender works out from the rows alone."""
+
+    data: memoryview
+    offsets: list[int]
+    deps: list[list[int]]
+
+
+def chunk_items(builder: Builder, chunk: Chunk) -> ChunkItems:
+    """The chunk's :class:`ChunkItems`, one request a batch (``chunk.prepared`` when
+    :meth:`HttpBackend.prepare` made them ahead)."""
+    if isinstance(chunk.prepared, ChunkItems):
+        return chunk.prepared
+    rows = chunk.rows
+    n = rows.num_rows
+    commas = with_commas(builder.items(rows))
+    offsets = np.frombuffer(commas.buffers()[1], dtype=np.int32)[
+        commas.offset : commas.offset + n + 1
+    ].tolist()
+    data = memoryview(commas.buffers()[2]) if n else memoryview(b"")
+    units = len(chunk.starts) - 1
+    unit_of_row = np.repeat(np.arange(units), np.diff(chunk.starts))
+    deps = unit_dependencies(rows.column("email").combine_chunks(), unit_of_row, units)
+    return ChunkItems(data, offsets, deps)
 
 
 class Sender(Protocol):
@@ -151,6 +190,12 @@ class HttpBackend:
         self.loop = asyncio.new_event_loop()
         self.transport: Transport | None = None
         self.sender: Sender | None = None
+
+    def prepare(self, chunk: Chunk) -> None:
+        """The requests' bodies and order, built while the chunk before is on its way
+        (Yesmail, 1M rows: 0.1–0.3 s a chunk of 65,536 rows in which nothing was sent)."""
+        if self.plan.target in ("maestro-ondemand", "yesmail-send"):
+            chunk.prepared = chunk_items(self.builder, chunk)
 
     def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         return self.loop.run_until_complete(self._deliver(chunk, files))

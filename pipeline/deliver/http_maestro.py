@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from pipeline.deliver.http import BatchAnswer, run_in_order, unit_dependencies
+from pipeline.deliver.http import BatchAnswer, chunk_items, run_in_order, unit_dependencies
 from pipeline.deliver.runner import Chunk
 from pipeline.deliver.transport import Response, Transport, truncate
 from pipeline.errors import ConfigError, DeliveryError, DeliveryStopped, MaestroResult
 from pipeline.errors import SubscribeFailure as F
 from pipeline.payloads.base import REDACTED
-from pipeline.payloads.batching import with_commas
 from pipeline.payloads.maestro_ondemand import trigger_url
 from pipeline.payloads.maestro_subscribe import SUBSCRIBE_PATH, subscribe_query
 from pipeline.payloads.urlencode import quote_text
@@ -118,17 +117,9 @@ class OnDemandSender:
         self.shown = f"{trigger_url(plan, redact=True)}{sep}recip=…"
 
     async def deliver(self, chunk: Chunk) -> tuple[list[BatchAnswer | None], Exception | None]:
-        rows = chunk.rows
-        commas = with_commas(self.backend.builder.items(rows))
-        n = rows.num_rows
-        offsets = np.frombuffer(commas.buffers()[1], dtype=np.int32)[
-            commas.offset : commas.offset + n + 1
-        ].tolist()
-        data = memoryview(commas.buffers()[2]) if n else memoryview(b"")
+        ready = chunk_items(self.backend.builder, chunk)
+        data, offsets = ready.data, ready.offsets
         starts = chunk.starts.tolist()
-        units = len(starts) - 1
-        unit_of_row = np.repeat(np.arange(units), np.diff(chunk.starts))
-        deps = unit_dependencies(rows.column("email").combine_chunks(), unit_of_row, units)
 
         async def send(k: int, _release: Callable[[], None]) -> BatchAnswer:
             # the batch's items without the trailing comma, encoded when it is sent
@@ -136,7 +127,7 @@ class OnDemandSender:
             url = f"{self.url}%5B{quote_text(str(items, 'utf-8'))}%5D"
             return await self._call(url, starts[k + 1] - starts[k])
 
-        return await run_in_order(deps, send)
+        return await run_in_order(ready.deps, send)
 
     async def _call(self, url: str, size: int) -> BatchAnswer:
         events: list[dict[str, str]] = []

@@ -27,14 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin
 
-import numpy as np
 import orjson
 
-from pipeline.deliver.http import BatchAnswer, run_in_order, unit_dependencies
+from pipeline.deliver.http import BatchAnswer, chunk_items, run_in_order
 from pipeline.deliver.runner import Chunk
 from pipeline.deliver.transport import Response, Transport, json_headers, truncate
 from pipeline.errors import DeliveryError, DeliveryStopped, YesmailStatus
-from pipeline.payloads.batching import with_commas
 from pipeline.payloads.yesmail import SEND_PATH
 from pipeline.rundir import now_iso
 
@@ -99,18 +97,10 @@ class YesmailSender:
         self.typical: float | None = None  # seconds a ticket takes to complete, smoothed
 
     async def deliver(self, chunk: Chunk) -> tuple[list[BatchAnswer | None], Exception | None]:
-        rows = chunk.rows
-        n = rows.num_rows
-        commas = with_commas(self.backend.builder.items(rows))
-        offsets = np.frombuffer(commas.buffers()[1], dtype=np.int32)[
-            commas.offset : commas.offset + n + 1
-        ].tolist()
-        data = memoryview(commas.buffers()[2]) if n else memoryview(b"")
+        ready = chunk_items(self.backend.builder, chunk)
+        data, offsets = ready.data, ready.offsets
         starts = chunk.starts.tolist()
         ids = chunk.ids()
-        units = len(starts) - 1
-        unit_of_row = np.repeat(np.arange(units), np.diff(chunk.starts))
-        deps = unit_dependencies(rows.column("email").combine_chunks(), unit_of_row, units)
 
         def body(lo: int, hi: int) -> bytes:
             return self.head + data[offsets[lo] : offsets[hi] - 1].tobytes() + b"]}"
@@ -141,7 +131,7 @@ class YesmailSender:
                 raise
             return BatchAnswer(orjson.dumps({"attempts": attempts}), cols)
 
-        answers, stop = await run_in_order(deps, send)
+        answers, stop = await run_in_order(ready.deps, send)
         for k, answer in stopped.items():
             answers[k] = answer
         return answers, stop

@@ -53,6 +53,9 @@ class Chunk:
     rows: pa.Table
     numbers: np.ndarray  # batch number of each batch
     starts: np.ndarray  # index of each batch's first recipient, plus the total at the end
+    # what the backend's ``prepare`` worked out from the rows ahead of sending; a subset
+    # of the chunk starts without it
+    prepared: Any = None
 
     def ids(self) -> list[str]:
         return [batch_id(self.target, int(n)) for n in self.numbers]
@@ -86,6 +89,10 @@ class Chunk:
 
 
 class Backend(Protocol):
+    """A delivery mode. It may also have ``prepare(chunk)``: the work that needs only the
+    chunk's rows (kept in ``chunk.prepared``), which an overlapped run does in its own
+    thread while the chunk before is on its way."""
+
     def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         """Answer every recipient of the chunk (OUTCOME_SCHEMA rows, in order); write the
         batches' response files to ``files``."""
@@ -311,11 +318,15 @@ def _overlapped(
         return got
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deliver")
+    prepare = getattr(backend, "prepare", None)
     flight: tuple[_Claimed, Future[pa.Table | None], _ChunkFiles] | None = None
     unsent: _Claimed | None = None  # claimed, not handed to the backend yet
     try:
         for chunk in chunks:
-            unsent = _claim(chunk, plan, ledger, resend)  # while the last chunk is on its way
+            # while the last chunk is on its way: what needs only the rows, then the claim
+            if prepare is not None:
+                prepare(chunk)
+            unsent = _claim(chunk, plan, ledger, resend)
             fault("after-claim")
             last, got = flight, None
             flight = None
