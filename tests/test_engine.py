@@ -1296,6 +1296,28 @@ def test_yesmail_a_refused_request_in_a_batch_stores_nothing_and_the_others_appl
     assert answers[4].per_recipient == ["completed"]
 
 
+def test_yesmail_requests_judged_until_the_first_refused_one(store: Store) -> None:
+    """``until_refused``: the answers stop at the first 400/409 (so a caller can split it
+    before the requests after it), and nothing after it is judged or stored."""
+    first = ym_body([{"email": "a@example.com", "id": "a", "subscriptions": {"add": ["A"]}}])
+    refused = ym_body(
+        [{"email": "b@example.com", "id": "b", "subscriptions": {"isMemberOf": ["Z"]}}],
+        transactional=False,
+    )
+    after = ym_body([{"email": "c@example.com", "id": "c"}])
+    seen: list[int] = []
+    answers = evaluate_sends(
+        store,
+        [(b, "jefftronics3", None) for b in (first, refused, after)],
+        log=lambda conn, got: seen.extend(int(a.status) for a in got),
+        until_refused=True,
+    )
+    assert [int(a.status) for a in answers] == [202, 409] == seen
+    assert ym(store, "a@example.com")[1] == {"A"}
+    assert ym(store, "b@example.com") == (None, set())
+    assert ym(store, "c@example.com") == (None, set())
+
+
 def test_yesmail_requests_in_a_batch_see_each_others_changes_in_order(any_store: Store) -> None:
     """The same address in several requests of one batch: each request is answered, and
     the store left, exactly as if they had been sent one after the other."""

@@ -23,7 +23,7 @@ from pipeline.deliver import OUTCOME_SCHEMA, conform
 from pipeline.deliver.runner import BatchRows, Chunk, fault
 from pipeline.engine.ondemand import RecipColumns, columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
-from pipeline.engine.yesmail import SendAnswer, evaluate_send
+from pipeline.engine.yesmail import SendAnswer, evaluate_send, evaluate_sends
 from pipeline.errors import MaestroResult, YesmailStatus
 from pipeline.ledger import log_platform
 from pipeline.payloads import builder_for
@@ -73,10 +73,11 @@ class SimulateBackend:
         target = self.plan.target
         if target == "maestro-ondemand":
             return self._ondemand(chunk, files)
-        per_batch = self._subscribe if target == "maestro-subscribe" else self._yesmail
+        if target == "yesmail-send":
+            return self._yesmail(chunk, files)
         tables = []
         for batch in chunk.batches():
-            response, table = per_batch(batch)
+            response, table = self._subscribe(batch)
             fault("mid-chunk")  # the platform processed this batch; the chunk is not done
             files.add(batch.id, "response", response)
             tables.append(table)
@@ -223,20 +224,59 @@ class SimulateBackend:
 
     # -- yesmail-send ----------------------------------------------------------------
 
-    def _yesmail(self, b: BatchRows) -> tuple[bytes, pa.Table]:
-        items = [orjson.loads(i) for i in self.builder.items(b.rows).to_pylist()]
+    def _yesmail(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
+        """The chunk's requests judged ``_GROUP`` at a time, one engine call (and one
+        transaction) each, in order: a group stops at its first refused request, which
+        is split (see :meth:`_bisect`) before the requests after it go."""
         head = orjson.loads(self.builder.body_head() + b"]}")  # type: ignore[attr-defined]
-        n = len(items)
-        fields: dict[str, list[Any]] = {
-            k: [None] * n
-            for k in ("status", "ticket", "state", "message", "http_status", "events", "time")
-        }
-        attempts: list[dict[str, Any]] = []
-        self._keys_now = self._keys(b.rows)
-        self._bisect(head, items, list(range(n)), b.id, attempts, fields)
-        return orjson.dumps({"attempts": attempts}), outcome_table(
-            b.rows.column("_rec").combine_chunks(), **fields
-        )
+        items = [orjson.loads(i) for i in self.builder.items(chunk.rows).to_pylist()]
+        keys = self._keys(chunk.rows)
+        starts = chunk.starts.tolist()
+        batches = list(chunk.batches())
+        user = self.cfg.simulate.api_user
+        tables: list[pa.Table] = []
+        k = 0
+        while k < len(batches):
+            group = range(k, min(k + _GROUP, len(batches)))
+            calls = [
+                ({**head, "recipients": items[starts[j] : starts[j + 1]]}, user, batches[j].id)
+                for j in group
+            ]
+
+            def log(conn: Any, answers: list[SendAnswer], first: int = k) -> None:
+                for j, ans in enumerate(answers, first):
+                    if ans.status is YesmailStatus.ACCEPTED:
+                        log_platform(
+                            conn, self.plan.name, keys[starts[j] : starts[j + 1]], _said(ans)
+                        )
+
+            answers = evaluate_sends(
+                self.store, calls, log=log if keys else None, until_refused=True
+            )
+            for j, answer in enumerate(answers, k):
+                b = batches[j]
+                mine = items[starts[j] : starts[j + 1]]
+                n = len(mine)
+                fields: dict[str, list[Any]] = {
+                    c: [None] * n
+                    for c in (
+                        "status",
+                        "ticket",
+                        "state",
+                        "message",
+                        "http_status",
+                        "events",
+                        "time",
+                    )
+                }
+                attempts: list[dict[str, Any]] = []
+                self._keys_now = keys[starts[j] : starts[j + 1]]
+                self._take(head, mine, list(range(n)), b.id, attempts, fields, answer)
+                fault("mid-chunk")  # the platform processed this batch; the chunk is not done
+                files.add(b.id, "response", orjson.dumps({"attempts": attempts}))
+                tables.append(outcome_table(b.rows.column("_rec").combine_chunks(), **fields))
+            k += len(answers)
+        return pa.concat_tables(tables) if tables else outcome_table(pa.array([], pa.int64()))
 
     def _bisect(
         self,
@@ -247,44 +287,41 @@ class SimulateBackend:
         attempts: list[dict[str, Any]],
         fields: dict[str, list[Any]],
     ) -> None:
-        """Send ``idx``; on 400/409 split it, so only the offending recipients fail."""
+        """Send ``idx`` alone; on 400/409 split it, so only the offending recipients fail."""
         body = {**head, "recipients": [items[i] for i in idx]}
         keys = [self._keys_now[i] for i in idx] if self._keys_now else []
 
         def log(conn: Any, ans: SendAnswer) -> None:
-            ticket = ans.ticket or {}
-            log_platform(
-                conn,
-                self.plan.name,
-                keys,
-                [
-                    orjson.dumps(
-                        {
-                            "status": s,
-                            "ticket": ticket.get("id"),
-                            "state": ticket.get("state"),
-                            "message": ticket.get("message"),
-                            "http_status": int(ans.status),
-                            "events": ticket.get("events"),
-                        }
-                    ).decode()
-                    for s in ans.per_recipient
-                ],
-            )
+            log_platform(conn, self.plan.name, keys, _said(ans))
 
         answer: SendAnswer = evaluate_send(
             self.store, body, self.cfg.simulate.api_user, ref, log=log if keys else None
         )
+        self._take(head, items, idx, ref, attempts, fields, answer)
+
+    def _take(
+        self,
+        head: dict[str, Any],
+        items: list[dict[str, Any]],
+        idx: list[int],
+        ref: str,
+        attempts: list[dict[str, Any]],
+        fields: dict[str, list[Any]],
+        answer: SendAnswer,
+    ) -> None:
+        """Record the answer to the recipients ``idx``; a refused group of several is
+        split in halves, each sent again alone."""
         attempts.append(_attempt(idx, answer))
         if answer.status is YesmailStatus.ACCEPTED:
             assert answer.ticket is not None
+            events = orjson.dumps(answer.ticket["events"]).decode()
             for pos, i in enumerate(idx):
                 fields["status"][i] = answer.per_recipient[pos]
                 fields["ticket"][i] = answer.ticket["id"]
                 fields["state"][i] = answer.ticket["state"]
                 fields["message"][i] = answer.ticket["message"]
                 fields["http_status"][i] = int(answer.status)
-                fields["events"][i] = orjson.dumps(answer.ticket["events"]).decode()
+                fields["events"][i] = events
                 fields["time"][i] = answer.ticket["lastUpdate"]
             return
         if len(idx) == 1:
@@ -297,6 +334,23 @@ class SimulateBackend:
         half = len(idx) // 2
         self._bisect(head, items, idx[:half], ref, attempts, fields)
         self._bisect(head, items, idx[half:], ref, attempts, fields)
+
+
+# Yesmail requests a simulate engine call judges together (one transaction)
+_GROUP = 32
+
+
+def _said(ans: SendAnswer) -> list[str]:
+    """The platform log's line for each recipient of an accepted request."""
+    ticket = ans.ticket or {}
+    common = {
+        "ticket": ticket.get("id"),
+        "state": ticket.get("state"),
+        "message": ticket.get("message"),
+        "http_status": int(ans.status),
+        "events": ticket.get("events"),
+    }
+    return [orjson.dumps({"status": s, **common}).decode() for s in ans.per_recipient]
 
 
 def _attempt(idx: list[int], answer: SendAnswer) -> dict[str, Any]:

@@ -107,6 +107,7 @@ def evaluate_sends(
     calls: Sequence[tuple[Any, str, str | None]],
     api_base: str = "https://api.yesmail.com",
     log: Callable[[Any, list[SendAnswer]], None] | None = None,
+    until_refused: bool = False,
 ) -> list[SendAnswer]:
     """Judge requests ``(body, user, ref)`` one after the other, in one transaction.
 
@@ -117,6 +118,8 @@ def evaluate_sends(
     writes for all of them (a commit writes every page its transaction
     touched, so one commit for several requests costs far less than one each).
     ``log`` is called with the connection and the answers, after the writes.
+    ``until_refused``: stop after the first request refused (400/409), which is then
+    the last answer, so that a caller can split it before the requests after it go.
     """
     problems = _request_problems([body for body, _, _ in calls])
     answers: list[SendAnswer] = []
@@ -136,6 +139,8 @@ def evaluate_sends(
                 answers.append(error(YesmailStatus.BAD_REQUEST, problem))
             else:
                 answers.append(_judge(state, body, user, ref, api_base))
+            if until_refused and answers[-1].status is not YesmailStatus.ACCEPTED:
+                break
         state.flush()
         if log is not None:
             log(conn, answers)
