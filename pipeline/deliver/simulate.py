@@ -257,18 +257,7 @@ class SimulateBackend:
                 b = batches[j]
                 mine = items[starts[j] : starts[j + 1]]
                 n = len(mine)
-                fields: dict[str, list[Any]] = {
-                    c: [None] * n
-                    for c in (
-                        "status",
-                        "ticket",
-                        "state",
-                        "message",
-                        "http_status",
-                        "events",
-                        "time",
-                    )
-                }
+                fields: dict[str, list[Any]] = {c: [None] * n for c in _YESMAIL_FIELDS}
                 attempts: list[dict[str, Any]] = []
                 self._keys_now = keys[starts[j] : starts[j + 1]]
                 self._take(head, mine, list(range(n)), b.id, attempts, fields, answer)
@@ -338,6 +327,8 @@ class SimulateBackend:
 
 # Yesmail requests a simulate engine call judges together (one transaction)
 _GROUP = 32
+# the outcome columns a Yesmail answer fills
+_YESMAIL_FIELDS = ("status", "ticket", "state", "message", "http_status", "events", "time")
 
 
 def _said(ans: SendAnswer) -> list[str]:
