@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m compileall -q pipeline  # as a regular install would: no compiling at every start
 	@touch $(STAMP)
 
 # Runs the example jobs on sample_data/. Rows that are bad on purpose make

@@ -27,7 +27,6 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.arrowutil import scatter, to_bool_np
 from pipeline.build import join_items
@@ -168,6 +167,8 @@ class ReportWriter:
         }
         self._results = open(os.path.join(self._tmp.name, "results.jsonl"), "wb")  # noqa: SIM115
         self._rejects = open(os.path.join(self._tmp.name, "rejects.jsonl"), "wb")  # noqa: SIM115
+        import pyarrow.parquet as pq  # only a report needs it (25 ms of imports)
+
         self._parquet = pq.ParquetWriter(
             os.path.join(self._tmp.name, "results.parquet"), RESULT_SCHEMA, compression="snappy"
         )
