@@ -50,7 +50,7 @@ CLIENT_ENV = {
 }
 
 sys.path.insert(0, str(BENCH))
-from run import FREED_INODES_AGE_S, ensure_orders, ensure_store  # noqa: E402
+from run import FREED_INODES_AGE_S, compiled_sources, ensure_orders, ensure_store  # noqa: E402
 
 
 def free_port() -> int:
@@ -283,6 +283,7 @@ def summarize(raw: Path, within: str | None = None, top: int = 10) -> dict[str, 
 
 
 def main() -> None:
+    compiled_sources()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="order rows (default 1,000,000)")
     ap.add_argument("--job", action="append", choices=list(TARGETS), help="default: both")
