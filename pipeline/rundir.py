@@ -188,33 +188,48 @@ class RunDir:
         return pa.ipc.open_stream(pa.OSFile(str(path), "rb"))
 
 
+# helper processes that write batch files: two keep up with a run's chunks where one
+# fell behind (see CHANGELOG, 2026-12-03)
+WRITERS = 2
+
+
 class BatchFileWriter:
-    """Batch files, written by a small helper process, a chunk's worth at a time.
+    """Batch files, written by small helper processes, a chunk's worth at a time.
 
     A run may write tens of thousands of request files. Creating them from a
     thread of this process costs three GIL hand-offs a file, which the busy
     stage threads turn into milliseconds; a helper process with its own
     interpreter does it at file-system speed. Each chunk goes down a pipe as
     one buffer of ``(name length, data length, name, data)`` frames, from a
-    feeder thread, so at most two chunks are in memory. :meth:`close` waits
-    for the helper and raises if it failed.
+    feeder thread. Chunks go to the ``writers`` helpers in turn (each file of a
+    writer's life is written once, so which helper writes it does not matter),
+    so at most ``writers + 1`` chunks are in memory. :meth:`close` waits for
+    the helpers and raises if one failed.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, writers: int = WRITERS) -> None:
         import subprocess
         import sys
         from concurrent.futures import Future, ThreadPoolExecutor
 
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _WRITER_CODE, directory],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert self._proc.stdin is not None
-        with contextlib.suppress(OSError, AttributeError):  # a bigger pipe: fewer wake-ups
-            fcntl.fcntl(self._proc.stdin.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
-        self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-files")
-        self._pending: Future[None] | None = None
+        self._procs = [
+            subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WRITER_CODE, directory],
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(max(1, writers))
+        ]
+        for proc in self._procs:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError, AttributeError):  # a bigger pipe: fewer wake-ups
+                fcntl.fcntl(proc.stdin.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+        # one feeder a helper: a helper that is behind does not hold up the others
+        self._feeders = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-files") for _ in self._procs
+        ]
+        self._pending: list[Future[None] | None] = [None] * len(self._procs)
+        self._turn = 0
         self._files: list[bytes] = []
 
     def add(self, batch_id: str, kind: str, data: bytes) -> None:
@@ -224,32 +239,47 @@ class BatchFileWriter:
 
     def flush(self) -> None:
         buf, self._files = b"".join(self._files), []
-        if self._pending is not None:
-            self._pending.result()
-        self._pending = self._feeder.submit(self._send, buf) if buf else None
+        if not buf:
+            return
+        i = self._turn
+        self._turn = (i + 1) % len(self._procs)
+        pending = self._pending[i]
+        if pending is not None:
+            pending.result()
+        self._pending[i] = self._feeders[i].submit(self._send, i, buf)
 
-    def _send(self, buf: bytes) -> None:
-        assert self._proc.stdin is not None
+    def _send(self, i: int, buf: bytes) -> None:
+        stdin = self._procs[i].stdin
+        assert stdin is not None
         try:
-            self._proc.stdin.write(buf)
-            self._proc.stdin.flush()
+            stdin.write(buf)
+            stdin.flush()
         except BrokenPipeError:
-            self._fail()
+            self._fail(i)
 
-    def _fail(self) -> None:
-        err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
-        raise OSError(f"writing batch files failed: {err or 'the writer process stopped'}")
+    def _fail(self, i: int) -> None:
+        stderr = self._procs[i].stderr
+        err = stderr.read().decode(errors="replace").strip() if stderr else ""
+        # the helper's traceback ends with the error itself: that line is the message
+        last = err.splitlines()[-1] if err else "the writer process stopped"
+        raise OSError(f"writing batch files failed: {last}")
 
     def close(self) -> None:
         self.flush()
-        if self._pending is not None:
-            self._pending.result()
-        self._feeder.shutdown()
-        assert self._proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self._proc.stdin.close()
-        if self._proc.wait() != 0:
-            self._fail()
+        try:
+            for pending in self._pending:
+                if pending is not None:
+                    pending.result()
+        finally:
+            for feeder in self._feeders:
+                feeder.shutdown()
+            for proc in self._procs:
+                assert proc.stdin is not None
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+        for i, proc in enumerate(self._procs):
+            if proc.wait() != 0:
+                self._fail(i)
 
     def __enter__(self) -> BatchFileWriter:
         return self
