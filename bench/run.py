@@ -25,6 +25,7 @@ ratios are those of the medians, each naive/build pair's ratio printed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -113,6 +114,26 @@ def measure(
         flush=True,
     )
     return result
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: cores, processor, and the time a fixed
+    pure-Python loop takes (best of three), so that figures from two machines of the
+    same kind can be told apart (they differed by 2.5x on 2026-12-03)."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t)
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python_loop_s": round(best, 3)}
 
 
 def median_run(tries: list[dict[str, Any]], by: str = "rows_per_s") -> dict[str, Any]:
@@ -224,7 +245,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     orders = ensure_orders(rows)
     config = str(BENCH / "bench.toml")
-    results: dict[str, Any] = {"rows": rows, "machine": {"cpus": os.cpu_count()}, "runs": {}}
+    results: dict[str, Any] = {"rows": rows, "machine": machine(), "runs": {}}
     print(f"mailpipe benchmark, {rows:,} order rows ({orders.name})")
     runs = results["runs"]
 
@@ -333,7 +354,8 @@ def main() -> None:
 
 def report(results: dict[str, Any]) -> None:
     baseline_path = BENCH / "baseline.json"
-    base = orjson.loads(baseline_path.read_bytes())["runs"] if baseline_path.exists() else {}
+    baseline = orjson.loads(baseline_path.read_bytes()) if baseline_path.exists() else {}
+    base = baseline.get("runs", {})
     runs = {**base, **results["runs"]}
     naive = runs["naive"]["rows_per_s"]
     floor = runs["floor"]["rows_per_s"]
@@ -388,6 +410,13 @@ def report(results: dict[str, Any]) -> None:
     (OUT / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     if base:
         print("\nagainst bench/baseline.json")
+        then = baseline.get("machine", {}).get("python_loop_s")
+        now = results["machine"].get("python_loop_s")
+        if then and now:
+            speed = then / now
+            print(f"  (this machine runs a Python loop {speed:.2f}x as fast as the baseline's)")
+        else:
+            print("  (the baseline does not say how fast its machine was: compare with care)")
         for name, r in results["runs"].items():
             if name in base:
                 change = r["rows_per_s"] / base[name]["rows_per_s"] - 1
