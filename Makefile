@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # `mailpipe run` exit 1; anything worse (2: config, 3: bug) fails the demo.
 demo: $(STAMP)
 	$(BIN)/mailpipe config check --config $(CONFIG)
-	rm -f state/mailpipe.db state/mailpipe.db-wal state/mailpipe.db-shm
+	rm -f state/mailpipe.db state/mailpipe.db-wal state/mailpipe.db-shm state/mailpipe.ledger.db state/mailpipe.ledger.db-wal state/mailpipe.ledger.db-shm
 	$(BIN)/mailpipe subscribers import --config $(CONFIG) sample_data/subscribers.csv
 	$(BIN)/mailpipe suppression import --config $(CONFIG) sample_data/suppression.csv
 	$(BIN)/mailpipe run --config $(CONFIG) || test $$? -eq 1

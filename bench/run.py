@@ -153,10 +153,12 @@ def median_run(tries: list[dict[str, Any]], by: str = "rows_per_s") -> dict[str,
 
 
 def fresh(db: Path) -> None:
-    """No SQLite store at ``db``: the file and any WAL an earlier run left beside it (a
-    copied database next to an old WAL is a corrupt one)."""
-    for extra in ("", "-wal", "-shm"):
-        Path(f"{db}{extra}").unlink(missing_ok=True)
+    """No SQLite store at ``db``: the file, its ledger's file and any WAL an earlier run
+    left beside them (a copied database next to an old WAL is a corrupt one)."""
+    ledger = db.with_name(f"{db.stem}.ledger{db.suffix}")  # pipeline.store.ledger_url
+    for base in (db, ledger):
+        for extra in ("", "-wal", "-shm"):
+            Path(f"{base}{extra}").unlink(missing_ok=True)
 
 
 def stage_seconds(runs_dir: Path) -> dict[str, float]:

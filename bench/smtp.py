@@ -236,7 +236,10 @@ def measure(name: str, cmd: list[str], sink: Sink) -> dict[str, Any]:
 
 def run_mailpipe(orders: Path, sink_kind: str, pool_size: int) -> dict[str, Any]:
     shutil.rmtree(OUT / "runs", ignore_errors=True)
-    for name in ("store.db", "store.db-wal", "store.db-shm", "store.db.lock"):
+    for name in (
+        *(f"{db}{x}" for db in ("store.db", "store.ledger.db") for x in ("", "-wal", "-shm")),
+        "store.db.lock",
+    ):
         (OUT / name).unlink(missing_ok=True)
     sink = Sink(sink_kind)
     config = OUT / "bench-smtp.toml"
@@ -346,7 +349,10 @@ def main() -> None:
     )
     (OUT / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     shutil.rmtree(OUT / "runs", ignore_errors=True)
-    for name in ("store.db", "store.db-wal", "store.db-shm", "store.db.lock"):
+    for name in (
+        *(f"{db}{x}" for db in ("store.db", "store.ledger.db") for x in ("", "-wal", "-shm")),
+        "store.db.lock",
+    ):
         (OUT / name).unlink(missing_ok=True)
 
 

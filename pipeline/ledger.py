@@ -45,9 +45,19 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pipeline.store import Store, claims, ledger, now, platform_log, runs
+from pipeline.store import (
+    Store,
+    claims,
+    driver_url,
+    ledger,
+    ledger_url,
+    move_ledger_out,
+    now,
+    platform_log,
+    runs,
+)
 
-__all__ = ["STALE_SECONDS", "Answers", "Entry", "Ledger"]
+__all__ = ["STALE_SECONDS", "Answers", "Entry", "Ledger", "open_ledger"]
 
 STALE_SECONDS = 120.0  # a run that has not beaten for this long is taken for dead
 _CHUNK = 20000
@@ -120,11 +130,17 @@ def _groups(
 
 
 class Ledger:
-    """The ledger of one store, used by one run."""
+    """The ledger of one store, used by one run.
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    ``store`` holds the ledger's tables; ``platform_url`` is the store whose
+    simulated platforms keep their log (by default the same). :func:`open_ledger`
+    opens both for a configured store URL.
+    """
+
+    def __init__(self, store: Store, run_id: str, platform_url: str | None = None) -> None:
         self.store = store
         self.run_id = run_id
+        self.platform_url = platform_url
         self._dialect = store.engine.dialect.name
         # SQLite: claims are rows of ``claims``, numbered per run (see the module's doc)
         self._chunked = self._dialect != "postgresql"
@@ -491,12 +507,19 @@ class Ledger:
     def platform_answers(self, job: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """What the simulated platform recorded for these keys (only simulate has such a log)."""
         out: dict[str, dict[str, Any]] = {}
-        with self.store.begin() as conn:
-            for i in range(0, len(keys), 500):
-                q = sa.select(platform_log.c.key, platform_log.c.outcome).where(
-                    platform_log.c.job == job, platform_log.c.key.in_(list(keys[i : i + 500]))
-                )
-                out.update({k: orjson.loads(o) for k, o in conn.execute(q)})
+        apart = self.platform_url is not None and driver_url(self.platform_url) != self.store.url
+        store = Store(self.platform_url, dry_run=True) if apart else self.store  # type: ignore[arg-type]
+        try:
+            with store.begin() as conn:
+                for i in range(0, len(keys), 500):
+                    q = sa.select(platform_log.c.key, platform_log.c.outcome).where(
+                        platform_log.c.job == job,
+                        platform_log.c.key.in_(list(keys[i : i + 500])),
+                    )
+                    out.update({k: orjson.loads(o) for k, o in conn.execute(q)})
+        finally:
+            if apart:
+                store.close()
         return out
 
     def settle_doubt(
@@ -556,6 +579,15 @@ class Ledger:
         if claim is not None:
             mine &= claims.c.seq == claim
         conn.execute(claims.delete().where(mine))
+
+
+def open_ledger(store_url: str, run_id: str, dry_run: bool = False) -> Ledger:
+    """The ledger of the store at ``store_url``: for SQLite, in its own file beside the
+    store's (:func:`pipeline.store.ledger_url`), an earlier release's ledger moved
+    there the first time."""
+    store = Store(ledger_url(store_url), dry_run=dry_run)
+    move_ledger_out(store_url, store)
+    return Ledger(store, run_id, platform_url=store_url)
 
 
 def log_platform(

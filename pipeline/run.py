@@ -114,12 +114,11 @@ class RunOptions:
 @contextlib.contextmanager
 def _ledger(run: RunDir, cfg: MailpipeConfig) -> Iterator[Ledger]:
     """The ledger this run writes to, its store closed after use."""
-    from pipeline.ledger import Ledger  # SQLAlchemy: imported when a run needs the store
-    from pipeline.store import Store
+    from pipeline.ledger import open_ledger  # SQLAlchemy: imported when a run needs the store
 
     # a dry run reads the ledger (what was sent stays unsent) but its writes are rolled back
     dry = RunOptions.from_json(run.manifest().get("options")).dry_run
-    ledger = Ledger(Store(cfg.store.url, dry_run=dry), run.run_id)
+    ledger = open_ledger(cfg.store.url, run.run_id, dry_run=dry)
     try:
         yield ledger
     finally:

@@ -41,6 +41,8 @@ __all__ = [
     "Store",
     "email_key",
     "hash_password",
+    "ledger_url",
+    "move_ledger_out",
     "verify_password",
 ]
 
@@ -684,6 +686,65 @@ def _safe_url(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return url.split("@")[-1]
+
+
+def ledger_url(url: str) -> str:
+    """Where a store keeps its ledger: for a SQLite file, a file of its own beside it
+    (``state/mailpipe.db`` → ``state/mailpipe.ledger.db``); a server database keeps it.
+
+    In WAL mode a connection drops its whole page cache whenever another one has
+    committed to the same file; with the ledger in the store's file, the engine
+    re-read its pages after every chunk the ledger recorded (1M on-demand rows:
+    the engine 17% slower, the deliver stage 13%).
+    """
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+        return url
+    path = Path(url.removeprefix("sqlite:///"))
+    return "sqlite:///" + str(path.with_name(f"{path.stem}.ledger{path.suffix or '.db'}"))
+
+
+def move_ledger_out(store_url: str, ledger: Store) -> None:
+    """Once, into a new ledger file: the ledger that a store of an earlier release kept
+    in its own file. Copied and marked done in one transaction of the ledger file, then
+    emptied in the store's file (a crash in between leaves only a stale copy there).
+    A layout upgrade like the schema's, so a dry run makes it too."""
+    if ledger.url == driver_url(store_url):  # a server database keeps its ledger
+        return
+    main = Path(store_url.removeprefix("sqlite:///"))
+    raw = ledger.engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        mark = "SELECT 1 FROM meta WHERE key = 'ledger_from'"
+        if cur.execute(mark).fetchone() is not None:
+            return
+        old = main.exists()
+        if old:
+            cur.execute("ATTACH DATABASE ? AS old", (str(main),))
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            if cur.execute(mark).fetchone() is None:  # another process may have been first
+                tables = _old_ledger_tables(cur) if old else []
+                for table in tables:
+                    cur.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM old.{table}")
+                cur.execute("INSERT INTO meta (key, value) VALUES ('ledger_from', ?)", (str(main),))
+            cur.execute("COMMIT")
+            if old:
+                cur.execute("BEGIN IMMEDIATE")
+                for table in _old_ledger_tables(cur):
+                    cur.execute(f"DELETE FROM old.{table}")
+                cur.execute("COMMIT")
+        finally:
+            if raw.in_transaction:
+                cur.execute("ROLLBACK")
+            if old:
+                cur.execute("DETACH DATABASE old")
+    finally:
+        raw.close()
+
+
+def _old_ledger_tables(cur: Any) -> list[str]:
+    have = {n for (n,) in cur.execute("SELECT name FROM old.sqlite_master WHERE type = 'table'")}
+    return [t for t in ("ledger", "claims", "runs") if t in have]
 
 
 def driver_url(url: str) -> str:

@@ -394,12 +394,14 @@ class Watcher:
     def _live_runs(self) -> set[str]:
         if not self.shared:
             return set()  # we hold the drop directory's lock: nobody else is in it
-        from pipeline.ledger import Ledger
-        from pipeline.store import Store
+        from pipeline.ledger import open_ledger
 
-        ledger = Ledger(Store(self.cfg.store.url), "watch")
-        with ledger.store.begin() as conn:
-            return ledger.live_runs(conn)
+        ledger = open_ledger(self.cfg.store.url, "watch")
+        try:
+            with ledger.store.begin() as conn:
+                return ledger.live_runs(conn)
+        finally:
+            ledger.close()
 
 
 def watch(

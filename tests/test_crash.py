@@ -138,8 +138,9 @@ def test_sigkill_at_random_points_loses_nothing_and_sends_nothing_twice(tmp_path
         if (r / "summary.json").exists():
             check_run_dir(r)
 
-    with sqlite3.connect(tmp_path / "state" / "mailpipe.db") as db:
+    with sqlite3.connect(tmp_path / "state" / "mailpipe.ledger.db") as db:
         states = dict(db.execute("SELECT state, count(*) FROM ledger GROUP BY state"))
+    with sqlite3.connect(tmp_path / "state" / "mailpipe.db") as db:  # the platforms' own log
         sends = dict(db.execute("SELECT sends, count(*) FROM platform_log GROUP BY sends"))
         per_job = dict(db.execute("SELECT job, count(*) FROM platform_log GROUP BY job"))
     # one final answer per record and job; the platform processed each exactly once

@@ -411,7 +411,7 @@ def test_401_stops_the_run_and_fails_nothing(setup: Setup, sandbox: Any, chunk_r
     assert not (run / "results.jsonl").exists()
     manifest = orjson.loads((run / "manifest.json").read_bytes())
     assert manifest["stages"]["deliver"]["state"] == "failed"
-    with sqlite3.connect(setup.tmp / "client.db") as db:
+    with sqlite3.connect(setup.tmp / "client.ledger.db") as db:
         states = {s for (s,) in db.execute("SELECT state FROM ledger WHERE job = 'followup'")}
         claims = db.execute("SELECT count(*) FROM claims").fetchone()[0]
     assert "failed" not in states and "completed" not in states
@@ -621,7 +621,7 @@ def test_an_unreachable_server_stops_the_run(setup: Setup) -> None:
     )
     assert result.exit_code == 2
     assert "cannot connect" in result.stderr and "is the server running?" in result.stderr
-    with sqlite3.connect(setup.tmp / "client.db") as db:
+    with sqlite3.connect(setup.tmp / "client.ledger.db") as db:
         states = {s for (s,) in db.execute("SELECT state FROM ledger")}
     assert "failed" not in states
 
@@ -671,7 +671,7 @@ def test_retries_that_run_out_fail_the_rows_as_transient(setup: Setup) -> None:
     assert sent and all(r["result"] == "INTERNAL_ERROR" for r in sent)
     assert all("HTTP 503" in r["message"] and "after 2 attempts" in r["message"] for r in sent)
     assert all([e["state"] for e in r["events"]] == ["retrying"] for r in sent)
-    with sqlite3.connect(setup.tmp / "client.db") as db:
+    with sqlite3.connect(setup.tmp / "client.ledger.db") as db:
         rows = db.execute("SELECT state, transient FROM ledger WHERE job = 'confirm'").fetchall()
     assert rows and all(state == "failed" and transient for state, transient in rows)
 

@@ -197,14 +197,13 @@ def test_in_doubt_without_a_platform_to_ask_follows_the_policy(setup: dict[str, 
         capture_output=True,
     )
     from pipeline.config import load_config
-    from pipeline.ledger import Ledger
+    from pipeline.ledger import open_ledger
     from pipeline.run import RunOptions, resolve_in_doubt, start_run
-    from pipeline.store import Store
 
     conf = load_config(cfg, env={})
     http = conf.model_copy(update={"delivery": conf.delivery.model_copy(update={"mode": "http"})})
     rd = start_run(http, options=RunOptions(in_doubt="skip"), out=str(setup["tmp"] / "x"))
-    got = resolve_in_doubt(rd, http, Ledger(Store(conf.store.url), rd.run_id))
+    got = resolve_in_doubt(rd, http, open_ledger(conf.store.url, rd.run_id))
     assert got["confirm"]["skipped"] == 10 and got["confirm"]["resent"] == 0
     # a later run reports them ignored, in doubt, and does not send them
     assert run(["run", "--config", cfg]).exit_code == 0
@@ -375,9 +374,9 @@ def test_a_claim_on_sqlite_holds_its_keys_until_finished(tmp_path: Path) -> None
     store.close()
 
 
-def test_a_finished_run_leaves_the_store_in_one_file(setup: dict[str, Any]) -> None:
+def test_a_finished_run_leaves_each_store_file_whole(setup: dict[str, Any]) -> None:
     """The command exits without the interpreter's teardown; its stores are closed all the
-    same, so SQLite folds the WAL into the database file: a copy of that file alone is
+    same, so SQLite folds each WAL into its database file: a copy of the ledger's file alone is
     the whole store."""
     (setup["tmp"] / "data" / "orders.csv").write_text(orders(40))
     cfg = write_config(setup, chunk=10, batch=10)
@@ -387,9 +386,66 @@ def test_a_finished_run_leaves_the_store_in_one_file(setup: dict[str, Any]) -> N
     assert done.returncode == 0, done.stderr.decode()
     state = setup["tmp"] / "state"
     assert not (state / "mailpipe.db-wal").exists()
+    assert not (state / "mailpipe.ledger.db-wal").exists()
     copy = setup["tmp"] / "copy.db"
-    copy.write_bytes((state / "mailpipe.db").read_bytes())
+    copy.write_bytes((state / "mailpipe.ledger.db").read_bytes())
     with sqlite3.connect(copy) as db:
         assert db.execute("SELECT count(*) FROM ledger WHERE state = 'completed'").fetchone() == (
             40,
         )
+
+
+def test_ledger_url_puts_a_sqlite_ledger_beside_its_store_and_keeps_a_server_one() -> None:
+    from pipeline.store import ledger_url
+
+    assert ledger_url("sqlite:///state/mailpipe.db") == "sqlite:///state/mailpipe.ledger.db"
+    assert ledger_url("sqlite:////abs/path/shop") == "sqlite:////abs/path/shop.ledger.db"
+    assert ledger_url("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert ledger_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_an_earlier_stores_ledger_moves_to_its_own_file_once(tmp_path: Path) -> None:
+    """A store of an earlier release kept its ledger in its own file: the first open of
+    the ledger moves every entry, claim and run there, and never again."""
+    import pyarrow as pa
+
+    from pipeline.ledger import Ledger, open_ledger
+    from pipeline.store import Store, runs
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    old_store = Store(url)  # the earlier layout: the ledger in the store's own file
+    old = Ledger(old_store, "old-run")
+    old.start()
+    old.claim("confirm", ["k:1"], ["b-1"])
+    old.finish(
+        "confirm",
+        pa.array(["k:1"]),
+        pa.array(["completed"]),
+        pa.array([False]),
+        pa.array(['{"result":"SUCCESS"}']),
+        old.claim_seq,
+    )
+    old.claim("confirm", ["k:2"], ["b-2"])
+    with old_store.begin() as conn:  # and then it died with k:2 still claimed
+        conn.execute(runs.update().where(runs.c.run_id == "old-run").values(heartbeat=0.0))
+    old_store.close()
+
+    new = open_ledger(url, "new-run")
+    assert (tmp_path / "s.ledger.db").exists()
+    assert {k: e.state for k, e in new.lookup("confirm", ["k:1", "k:2"]).items()} == {
+        "k:1": "completed",
+        "k:2": "pending",
+    }
+    assert new.in_doubt("confirm") == [("k:2", "old-run", "b-2")]
+    new.close()
+    with sqlite3.connect(tmp_path / "s.db") as db:  # nothing of it left in the store's file
+        left = [db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("ledger", "claims")]
+        assert left == [0, 0]
+        # an entry appearing there later (an older mailpipe run again) is not taken over
+        db.execute(
+            "INSERT INTO ledger VALUES ('confirm', 'k:9', 'completed', 0, 'x', NULL, NULL, 'now')"
+        )
+    again = open_ledger(url, "third-run")
+    assert again.lookup("confirm", ["k:9"]) == {}
+    assert "k:1" in again.lookup("confirm", ["k:1"])
+    again.close()
