@@ -19,9 +19,11 @@ replaces ``subscribers_by_email`` (every lookup names the list).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import hashlib
 import secrets
+import sqlite3
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -721,18 +723,24 @@ def move_ledger_out(store_url: str, ledger: Store) -> None:
         if old:
             cur.execute("ATTACH DATABASE ? AS old", (str(main),))
         try:
-            cur.execute("BEGIN IMMEDIATE")
+            # the ledger file's write lock alone (BEGIN IMMEDIATE would lock the store's
+            # file too, and wait for whoever writes there), taken by the first statement
+            cur.execute("BEGIN")
+            cur.execute("INSERT OR REPLACE INTO main.meta (key, value) VALUES ('ledger_move', '')")
             if cur.execute(mark).fetchone() is None:  # another process may have been first
                 tables = _old_ledger_tables(cur) if old else []
                 for table in tables:
                     cur.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM old.{table}")
                 cur.execute("INSERT INTO meta (key, value) VALUES ('ledger_from', ?)", (str(main),))
+            cur.execute("DELETE FROM main.meta WHERE key = 'ledger_move'")
             cur.execute("COMMIT")
             if old:
-                cur.execute("BEGIN IMMEDIATE")
-                for table in _old_ledger_tables(cur):
-                    cur.execute(f"DELETE FROM old.{table}")
-                cur.execute("COMMIT")
+                # best effort: a store busy past the timeout keeps a stale copy, never read
+                with contextlib.suppress(sqlite3.OperationalError):
+                    cur.execute("BEGIN")
+                    for table in _old_ledger_tables(cur):
+                        cur.execute(f"DELETE FROM old.{table}")
+                    cur.execute("COMMIT")
         finally:
             if raw.in_transaction:
                 cur.execute("ROLLBACK")

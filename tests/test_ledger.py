@@ -449,3 +449,37 @@ def test_an_earlier_stores_ledger_moves_to_its_own_file_once(tmp_path: Path) -> 
     assert again.lookup("confirm", ["k:9"]) == {}
     assert "k:1" in again.lookup("confirm", ["k:1"])
     again.close()
+
+
+def test_a_busy_store_keeps_a_stale_copy_of_the_moved_ledger_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emptying the old ledger in the store's file is best effort: another process
+    writing there past the busy timeout leaves the copy, which is never read again."""
+    import pipeline.store as store_mod
+    from pipeline.ledger import Ledger, open_ledger
+    from pipeline.store import Store
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    old_store = Store(url)
+    old = Ledger(old_store, "old-run")
+    old.claim("confirm", ["k:1"], ["b-1"])
+    old_store.close()
+    plain = store_mod._sqlite_pragmas
+
+    def impatient(conn: Any, record: Any) -> None:
+        plain(conn, record)
+        conn.execute("PRAGMA busy_timeout=50")
+
+    monkeypatch.setattr(store_mod, "_sqlite_pragmas", impatient)
+    writer = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process writing to the store's file
+    try:
+        new = open_ledger(url, "new-run")
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert {k: e.state for k, e in new.lookup("confirm", ["k:1"]).items()} == {"k:1": "pending"}
+    new.close()
+    with sqlite3.connect(tmp_path / "s.db") as db:  # the stale copy stayed
+        assert db.execute("SELECT count(*) FROM claims").fetchone() == (1,)
