@@ -507,8 +507,10 @@ class Ledger:
     def platform_answers(self, job: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """What the simulated platform recorded for these keys (only simulate has such a log)."""
         out: dict[str, dict[str, Any]] = {}
-        apart = self.platform_url is not None and driver_url(self.platform_url) != self.store.url
-        store = Store(self.platform_url, dry_run=True) if apart else self.store  # type: ignore[arg-type]
+        url = self.platform_url
+        apart = url is not None and driver_url(url) != self.store.url
+        # the platforms' log is read only: a dry-run store, whatever this run is
+        store = Store(url, dry_run=True) if url is not None and apart else self.store
         try:
             with store.begin() as conn:
                 for i in range(0, len(keys), 500):
