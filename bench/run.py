@@ -155,7 +155,9 @@ def median_run(tries: list[dict[str, Any]], by: str = "rows_per_s") -> dict[str,
 def fresh(db: Path) -> None:
     """No SQLite store at ``db``: the file, its ledger's file and any WAL an earlier run
     left beside them (a copied database next to an old WAL is a corrupt one)."""
-    ledger = db.with_name(f"{db.stem}.ledger{db.suffix}")  # pipeline.store.ledger_url
+    from pipeline.store import ledger_url, sqlite_file
+
+    ledger = sqlite_file(ledger_url(f"sqlite:///{db}"))
     for base in (db, ledger):
         for extra in ("", "-wal", "-shm"):
             Path(f"{base}{extra}").unlink(missing_ok=True)

@@ -46,6 +46,9 @@ OUT = BENCH / "out" / "smtp"
 PY = sys.executable
 TEMPLATES = ROOT / "configs" / "templates"
 
+sys.path.insert(0, str(BENCH))
+from run import fresh  # noqa: E402
+
 CONFIG = """
 [run]
 out = "{out}/runs"
@@ -234,13 +237,15 @@ def measure(name: str, cmd: list[str], sink: Sink) -> dict[str, Any]:
     return result
 
 
+def remove_store(db: Path) -> None:
+    """The store, its ledger's file, their write-ahead logs and the run lock."""
+    fresh(db)
+    Path(f"{db}.lock").unlink(missing_ok=True)
+
+
 def run_mailpipe(orders: Path, sink_kind: str, pool_size: int) -> dict[str, Any]:
     shutil.rmtree(OUT / "runs", ignore_errors=True)
-    for name in (
-        *(f"{db}{x}" for db in ("store.db", "store.ledger.db") for x in ("", "-wal", "-shm")),
-        "store.db.lock",
-    ):
-        (OUT / name).unlink(missing_ok=True)
+    remove_store(OUT / "store.db")
     sink = Sink(sink_kind)
     config = OUT / "bench-smtp.toml"
     config.write_text(
@@ -349,11 +354,7 @@ def main() -> None:
     )
     (OUT / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     shutil.rmtree(OUT / "runs", ignore_errors=True)
-    for name in (
-        *(f"{db}{x}" for db in ("store.db", "store.ledger.db") for x in ("", "-wal", "-shm")),
-        "store.db.lock",
-    ):
-        (OUT / name).unlink(missing_ok=True)
+    remove_store(OUT / "store.db")
 
 
 if __name__ == "__main__":

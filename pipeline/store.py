@@ -45,6 +45,7 @@ __all__ = [
     "hash_password",
     "ledger_url",
     "move_ledger_out",
+    "sqlite_file",
     "verify_password",
 ]
 
@@ -205,8 +206,9 @@ class Store:
         url = driver_url(url)
         self.url = url
         self.dry_run = dry_run
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.engine: Engine = sa.create_engine(url, future=True)
         except (sa.exc.ArgumentError, ImportError) as e:
@@ -699,10 +701,17 @@ def ledger_url(url: str) -> str:
     re-read its pages after every chunk the ledger recorded (1M on-demand rows:
     the engine 17% slower, the deliver stage 13%).
     """
-    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+    path = sqlite_file(url)
+    if path is None:
         return url
-    path = Path(url.removeprefix("sqlite:///"))
     return "sqlite:///" + str(path.with_name(f"{path.stem}.ledger{path.suffix or '.db'}"))
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for a server or an in-memory database."""
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+        return None
+    return Path(url.removeprefix("sqlite:///"))
 
 
 def move_ledger_out(store_url: str, ledger: Store) -> None:
@@ -710,9 +719,9 @@ def move_ledger_out(store_url: str, ledger: Store) -> None:
     in its own file. Copied and marked done in one transaction of the ledger file, then
     emptied in the store's file (a crash in between leaves only a stale copy there).
     A layout upgrade like the schema's, so a dry run makes it too."""
-    if ledger.url == driver_url(store_url):  # a server database keeps its ledger
+    main = sqlite_file(store_url)
+    if main is None or ledger.url == driver_url(store_url):  # the ledger is in the store
         return
-    main = Path(store_url.removeprefix("sqlite:///"))
     raw = ledger.engine.raw_connection()
     try:
         cur = raw.cursor()
