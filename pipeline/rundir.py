@@ -37,9 +37,6 @@ from pipeline.errors import RunDirError
 __all__ = ["STAGES", "RunDir", "new_run_id", "now_iso"]
 
 STAGES = ("extract", "normalize", "build", "deliver", "report")
-# stage files are written and read once each: LZ4 shrinks them three to four times for
-# less CPU than the disk writes it saves
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 PRIVATE = 0o600
 
 
