@@ -12,6 +12,8 @@ def _prefer_jemalloc() -> None:
 
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
         return
+    # keep freed pages for reuse (see _reuse_freed_memory); read when libarrow loads
+    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "dirty_decay_ms:-1")
     import contextlib
 
     import pyarrow as pa
@@ -30,13 +32,8 @@ def _one_malloc_arena() -> None:
     """
     import os
 
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX (glibc)
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        _mallopt(-8, 1)  # M_ARENA_MAX
 
 
 def _reuse_freed_memory() -> None:
@@ -55,16 +52,19 @@ def _reuse_freed_memory() -> None:
     """
     import os
 
-    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "dirty_decay_ms:-1")
-    if "GLIBC_TUNABLES" in os.environ:
-        return
+    if "GLIBC_TUNABLES" not in os.environ:
+        _mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: glibc's largest
+        _mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    # jemalloc's part is set in _prefer_jemalloc, where Arrow's pool is chosen
+
+
+def _mallopt(param: int, value: int) -> None:
+    """glibc's ``mallopt``; a no-op where the C library has none."""
     import contextlib
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: glibc's largest
-        libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD
+        ctypes.CDLL(None).mallopt(param, value)
 
 
 def _one_blas_thread() -> None:
