@@ -5,6 +5,7 @@ bisection, the 401 stop, and the seeds' own subscribe URL. No mocks: a real sand
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sqlite3
 import subprocess
@@ -763,6 +764,35 @@ def test_tickets_are_first_polled_after_the_time_tickets_take(setup: Setup) -> N
     assert tickets >= 3
     # polled every 2, 4, 8 … ms, each ticket would be read about 5 times
     assert reads < 3 * tickets, (reads, tickets)
+
+
+def test_the_next_chunk_goes_while_the_tickets_of_the_one_before_are_followed(
+    setup: Setup,
+) -> None:
+    """A chunk is sent once the platform has judged the one before (its 202s are in), not
+    after that one's tickets completed: with tickets taking 0.4 s, each batch (a chunk of
+    its own here) is accepted before the batch before it has completed; the results are
+    still those of simulate."""
+    options = SandboxOptions(ticket_delay=0.2)  # 0.4 s from accepted to completed
+    with running_sandbox(load_config(setup.config("sandbox"), env={}), options) as box:
+        env = env_of(box, setup, MAILPIPE_RUN_CHUNK_ROWS="4")
+        args = ["run", "--config", setup.config("client"), "--mode", "http", "--job", "followup"]
+        assert cli(args, env=env).exit_code == 1  # some rows fail on purpose
+        tickets = [t.document() for t in box.tickets.values()]
+    accepted: dict[str, str] = {}
+    completed: dict[str, str] = {}
+    for t in tickets:
+        batch, times = t["response"]["ref"], {e["state"]: e["time"] for e in t["events"]}
+        accepted[batch] = min(accepted.get(batch, times["accepted"]), times["accepted"])
+        completed[batch] = max(completed.get(batch, times["completed"]), times["completed"])
+    batches = sorted(accepted)
+    assert len(batches) >= 3
+    for before, after in itertools.pairwise(batches):
+        assert accepted[after] < completed[before], (before, after)
+    sim = cli(["run", "--config", setup.config("sim"), "--mode", "simulate", "--job", "followup"])
+    assert sim.exit_code == 1
+    http_rows = check_run_dir(last_run(setup.out("client")))
+    assert comparable(http_rows) == comparable(check_run_dir(last_run(setup.out("sim"))))
 
 
 def test_a_prepared_chunk_is_sent_from_its_prepared_items_and_a_subset_rebuilds(

@@ -27,7 +27,9 @@ exception's ``partial`` table; the other recipients were not sent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -133,34 +135,49 @@ def unit_dependencies(emails: pa.Array, unit_of_row: np.ndarray, units: int) -> 
 
 
 async def run_in_order(
-    deps: list[list[int]], send: Callable[[int, Callable[[], None]], Awaitable[Any]]
+    deps: list[list[int]],
+    send: Callable[[int, Callable[[], None]], Awaitable[Any]],
+    judged: Callable[[], None] | None = None,
 ) -> tuple[list[Any], Exception | None]:
     """Run ``send(k, release)`` for every unit, each after the units it depends on.
 
     A unit's dependants start when it returns, or as soon as it calls
     ``release()``: once the platform has judged the unit's requests, what is
     left (following a Yesmail ticket) changes nothing they would be judged on.
-    After a :class:`DeliveryStopped` no unit starts; the answers of those that
-    ran are returned with the stop (``None`` for the others).
+    ``judged`` is called once every unit has released or returned. After a
+    :class:`DeliveryStopped` no unit starts; the answers of those that ran are
+    returned with the stop (``None`` for the others).
     """
     done = [asyncio.Event() for _ in deps]
     out: list[Any] = [None] * len(deps)
     stop: list[Exception] = []
+    left = len(deps)
+
+    def release(k: int) -> None:
+        nonlocal left
+        if done[k].is_set():
+            return
+        done[k].set()
+        left -= 1
+        if not left and not stop and judged is not None:
+            judged()  # a stop is seen when the chunk returns, not before
 
     async def one(k: int) -> None:
         try:
             for d in deps[k]:
                 await done[d].wait()
             if not stop:
-                out[k] = await send(k, done[k].set)
+                out[k] = await send(k, functools.partial(release, k))
         except DeliveryStopped as e:
             stop.append(e)
         except Exception as e:  # a bug: stop starting requests, raise it below
             stop.append(e)
             raise
         finally:
-            done[k].set()
+            release(k)
 
+    if not deps and judged is not None:
+        judged()
     results = await asyncio.gather(*(one(k) for k in range(len(deps))), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException) and not isinstance(r, DeliveryStopped):
@@ -187,7 +204,10 @@ class HttpBackend:
         }
         self.kind = kinds[plan.target]
         self.secrets = self.kind.secrets(self)  # checked before anything is sent
+        # one loop for the whole job, in a thread of its own: a chunk's coroutine is handed
+        # to it, so the next chunk can go while the last one's tickets are followed
         self.loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
         self.transport: Transport | None = None
         self.sender: Sender | None = None
 
@@ -198,7 +218,17 @@ class HttpBackend:
             chunk.prepared = chunk_items(self.builder, chunk)
 
     def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
-        return self.loop.run_until_complete(self._deliver(chunk, files))
+        """Answer the chunk (blocking the calling thread); it may be called again from
+        another thread, for the next chunk, once ``chunk.judged`` is set."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self.loop.run_forever, name="http-loop", daemon=True
+            )
+            self._thread.start()
+        try:
+            return asyncio.run_coroutine_threadsafe(self._deliver(chunk, files), self.loop).result()
+        finally:
+            chunk.judged.set()
 
     async def _deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         if self.transport is None:
@@ -217,8 +247,12 @@ class HttpBackend:
         return table
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.loop.run_until_complete(self.transport.close())
+        if self._thread is not None:
+            if self.transport is not None:
+                asyncio.run_coroutine_threadsafe(self.transport.close(), self.loop).result()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self._thread = None
         self.loop.close()
 
     def env(self, name: str | None, key: str) -> str:

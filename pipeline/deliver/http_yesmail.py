@@ -20,6 +20,7 @@ the async results.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -95,6 +96,9 @@ class YesmailSender:
         self.base = http.yesmail_url.rstrip("/")
         self.head: bytes = backend.builder.body_head()  # type: ignore[attr-defined]
         self.typical: float | None = None  # seconds a ticket takes to complete, smoothed
+        # until one has: the first ticket followed, which the others wait for (so that only
+        # it polls at short intervals; the next chunk goes before this one's tickets are done)
+        self._first: asyncio.Event | None = None
 
     async def deliver(self, chunk: Chunk) -> tuple[list[BatchAnswer | None], Exception | None]:
         ready = chunk_items(self.backend.builder, chunk)
@@ -119,8 +123,7 @@ class YesmailSender:
                     for a in accepted:  # accepted, so sent: recorded, not given back
                         self._fail(cols, a.idx, _ACCEPTED, _stopped(e), a.events)
                     raise
-                finally:
-                    release()  # judged: the batches after it may go while its tickets run
+                release()  # judged: the batches after it may go while its tickets run
                 await self._follow_all(accepted, cols)
             except DeliveryStopped:
                 # what the platform accepted before the stop is an outcome: keep it
@@ -131,7 +134,7 @@ class YesmailSender:
                 raise
             return BatchAnswer(orjson.dumps({"attempts": attempts}), cols)
 
-        answers, stop = await run_in_order(ready.deps, send)
+        answers, stop = await run_in_order(ready.deps, send, chunk.judged.set)
         for k, answer in stopped.items():
             answers[k] = answer
         return answers, stop
@@ -246,12 +249,29 @@ class YesmailSender:
         """Poll the ticket until it is completed or failed; then read its async results."""
         url = urljoin(self.base + "/", location)
         http = self.http
+        deadline = time.monotonic() + http.ticket_timeout
+        if self.typical is None and self._first is None:
+            self._first = asyncio.Event()  # this one finds out how long tickets take
+            try:
+                return await self._poll(url, events, deadline, http.poll_interval)
+            finally:
+                self._first.set()
+        started = time.monotonic()
+        if self.typical is None and self._first is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first.wait(), http.ticket_timeout)
         # a tenth more than tickets typically take: the answer to the POST left after the
         # ticket's accepted time, so this mostly reads it completed, once
         first = min(max(http.poll_interval, 1.1 * (self.typical or 0.0)), http.poll_max_interval)
+        return await self._poll(url, events, deadline, first - (time.monotonic() - started))
+
+    async def _poll(
+        self, url: str, events: list[dict[str, str]], deadline: float, first: float
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        http = self.http
         delay = http.poll_interval
-        deadline = time.monotonic() + http.ticket_timeout
-        await asyncio.sleep(first)
+        if first > 0:
+            await asyncio.sleep(first)
         while True:
             ticket = await self._get(url, events, "ticket")
             state = ticket.get("state")
