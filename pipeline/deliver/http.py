@@ -225,10 +225,7 @@ class HttpBackend:
                 target=self.loop.run_forever, name="http-loop", daemon=True
             )
             self._thread.start()
-        try:
-            return asyncio.run_coroutine_threadsafe(self._deliver(chunk, files), self.loop).result()
-        finally:
-            chunk.judged.set()
+        return asyncio.run_coroutine_threadsafe(self._deliver(chunk, files), self.loop).result()
 
     async def _deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         if self.transport is None:

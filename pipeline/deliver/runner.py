@@ -166,7 +166,7 @@ def _chunk(
 
 # modes whose sending leaves the interpreter free (the network; SQLite, which lets go of
 # the GIL): the next chunk is sent while the last one's answers go to the ledger and the
-# stage file (at most two chunks are then in flight). simulate: the engine's lookups of a
+# stage file (up to IN_FLIGHT chunks are then out). simulate: the engine's lookups of a
 # chunk overlap the ledger's writes of the one before (1M on-demand rows: 8.0 → 6.3 s)
 OVERLAPPED = {"http", "simulate"}
 # chunks sent and not yet recorded, at most: a chunk goes as soon as the one before is
