@@ -1073,6 +1073,7 @@ def test_yesmail_set_referred_new_or_not_subscribed(store: Store) -> None:
 @pytest.mark.parametrize(
     ("recipient", "problem"),
     [
+        ({"subscriptions": ["Shop News"]}, "subscriptions must be an object"),
         ({"subscriptions": {"add": "A"}}, "subscriptions.add must be an array of strings"),
         ({"subscriptions": {"add": [1]}}, "subscriptions.add must be an array of strings"),
         (
