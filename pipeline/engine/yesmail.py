@@ -123,23 +123,26 @@ def evaluate_sends(
     the last answer, so that a caller can split it before the requests after it go.
     """
     problems = _request_problems([body for body, _, _ in calls])
+    # each recipient's email key (None: given by id alone), for the well-formed requests
+    keys = [
+        None
+        if problem is not None
+        else [
+            email_key(e) if isinstance(e := r.get("email"), str) else None
+            for r in body["recipients"]
+        ]
+        for (body, _, _), problem in zip(calls, problems)
+    ]
     answers: list[SendAnswer] = []
     with store.begin() as conn:
         state = _State(store, conn)
-        state.load(
-            [
-                email_key(r["email"])
-                for (body, _, _), problem in zip(calls, problems)
-                if problem is None
-                for r in body["recipients"]
-                if isinstance(r.get("email"), str)
-            ]
-        )
-        for (body, user, ref), problem in zip(calls, problems):
+        state.load([k for ks in keys if ks is not None for k in ks if k is not None])
+        for (body, user, ref), problem, ks in zip(calls, problems, keys):
             if problem is not None:
                 answers.append(error(YesmailStatus.BAD_REQUEST, problem))
             else:
-                answers.append(_judge(state, body, user, ref, api_base))
+                assert ks is not None  # made for every well-formed request
+                answers.append(_judge(state, body, ks, user, ref, api_base))
             if until_refused and answers[-1].status is not YesmailStatus.ACCEPTED:
                 break
         state.flush()
@@ -149,11 +152,16 @@ def evaluate_sends(
 
 
 def _judge(
-    state: _State, body: dict[str, Any], user: str, ref: str | None, api_base: str
+    state: _State,
+    body: dict[str, Any],
+    keys: list[str | None],
+    user: str,
+    ref: str | None,
+    api_base: str,
 ) -> SendAnswer:
-    """One well-formed request against the state the requests before it left."""
+    """One well-formed request against the state the requests before it left; ``keys``
+    its recipients' email keys (None: given by id alone)."""
     recipients: list[dict[str, Any]] = body["recipients"]
-    keys = [email_key(r["email"]) if isinstance(r.get("email"), str) else None for r in recipients]
     transactional = bool(body.get("transactional", False))
     update_profile = bool(body.get("updateProfile", False))
     # a recipient given by id alone is looked up by that id
