@@ -339,6 +339,11 @@ def _overlapped(
         fault("after-send")
         return got
 
+    def record_first() -> tuple[Chunk, pa.Table]:
+        """Land the oldest chunk out and record it."""
+        first = flights.pop(0)
+        return first[0].chunk, _settle(ledger, plan, first[0], land(first))
+
     pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="deliver")
     prepare = getattr(backend, "prepare", None)
     flights: list[Flight] = []  # sent, not landed yet, in chunk order
@@ -369,11 +374,9 @@ def _overlapped(
                 c, got = landed.pop(0)
                 yield c.chunk, _settle(ledger, plan, c, got)
             while len(flights) > 1 and (len(flights) >= IN_FLIGHT or flights[0][1].done()):
-                first = flights.pop(0)
-                yield first[0].chunk, _settle(ledger, plan, first[0], land(first))
+                yield record_first()
         while flights:
-            first = flights.pop(0)
-            yield first[0].chunk, _settle(ledger, plan, first[0], land(first))
+            yield record_first()
     except BaseException:
         if unsent is not None:  # never sent: give its claim back
             mine = np.flatnonzero(unsent.claimed).tolist()
