@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from email_validator import EmailNotValidError, validate_email
 
-from pipeline.arrowutil import to_bool_np, trim
+from pipeline.arrowutil import scatter, to_bool_np, trim
 
-__all__ = ["EmailVerdict", "check_emails"]
+__all__ = ["INVALID", "MISSING", "EmailVerdict", "check_emails"]
 
 _ATEXT = r"A-Za-z0-9_!#$%&'*+/=?^`{|}~-"
 # precomposed Latin letters (Latin-1 Supplement, Extended-A and -B, without × and ÷): the
@@ -31,9 +31,11 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _TLD = r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z])?"
 # what email-validator (check_deliverability=False) accepts for certain
 FAST_ACCEPT = rf"^[{_ATEXT}{_LATIN}]+(?:\.[{_ATEXT}{_LATIN}]+)*@(?:{_LABEL}\.)+{_TLD}$"
-# ... unless one of these holds, which the library judges itself
-_SPECIAL_USE = r"(?i)\.(?:arpa|invalid|local|localhost|onion|test)$"
-_DOUBLE_DASH = r"--"
+# ... unless one of these holds, which the library judges itself: a special-use name, or
+# "--" anywhere (one expression: one pass over the column)
+_DOUBT = r"(?i)--|\.(?:arpa|invalid|local|localhost|onion|test)$"
+_PROBLEMS = pa.array(["MISSING_EMAIL", "INVALID_EMAIL"])
+MISSING, INVALID = 1, 2  # EmailVerdict.codes
 _MAX_ADDRESS = 254  # bytes; a domain within it is within 253 too
 
 
@@ -44,6 +46,7 @@ class EmailVerdict:
     email: pa.Array  # trimmed; domain lower-cased when valid (all of it when asked)
     problem: pa.Array  # "MISSING_EMAIL" | "INVALID_EMAIL" | null
     message: pa.Array  # email-validator's explanation, or null
+    codes: np.ndarray  # the problem as int8: 0 none, MISSING or INVALID
 
 
 def _lower_domain(col: pa.Array) -> pa.Array:
@@ -72,15 +75,7 @@ def check_emails(col: pa.Array, lowercase_all: bool = False) -> EmailVerdict:
     missing = pc.fill_null(pc.equal(trimmed, ""), True)
     fast = pc.and_(
         pc.fill_null(pc.match_substring_regex(trimmed, FAST_ACCEPT), False),
-        pc.invert(
-            pc.fill_null(
-                pc.or_(
-                    pc.match_substring_regex(trimmed, _SPECIAL_USE),
-                    pc.match_substring(trimmed, _DOUBLE_DASH),
-                ),
-                True,
-            )
-        ),
+        pc.invert(pc.fill_null(pc.match_substring_regex(trimmed, _DOUBT), True)),
     )
     fast = pc.fill_null(
         pc.and_(fast, pc.less_equal(pc.binary_length(trimmed), _MAX_ADDRESS)), False
@@ -88,11 +83,11 @@ def check_emails(col: pa.Array, lowercase_all: bool = False) -> EmailVerdict:
     fast_np = to_bool_np(fast)
     missing_np = to_bool_np(missing, True)
     cleaned = pc.utf8_lower(trimmed) if lowercase_all else _lower_domain(trimmed)
-    email_out = pc.if_else(pa.array(fast_np), cleaned, trimmed)
+    email_out = pc.if_else(fast, cleaned, trimmed)
     slow = np.flatnonzero(~fast_np & ~missing_np)
-    problem = np.full(n, None, dtype=object)
-    message = np.full(n, None, dtype=object)
-    problem[missing_np] = "MISSING_EMAIL"
+    codes = missing_np.astype(np.int8)  # MISSING where missing
+    said = np.full(n, -1, dtype=np.int64)  # per row: its message among ``messages``, or -1
+    messages: list[str] = []
     if slow.size:
         # the library decides every address the expression is not sure of
         values = trimmed.take(pa.array(slow)).to_pylist()
@@ -101,17 +96,19 @@ def check_emails(col: pa.Array, lowercase_all: bool = False) -> EmailVerdict:
             try:
                 v = validate_email(addr, check_deliverability=False)
             except EmailNotValidError as e:
-                problem[i] = "INVALID_EMAIL"
-                message[i] = str(e)
+                codes[i] = INVALID
+                said[i] = len(messages)
+                messages.append(str(e))
                 fixed.append(addr)
             else:
                 good = unicodedata.normalize("NFC", addr.rsplit("@", 1)[0]) + "@" + v.domain
                 fixed.append(good.lower() if lowercase_all else good)
-        email_out = pc.replace_with_mask(
-            email_out, pa.array(np.isin(np.arange(n), slow)), pa.array(fixed, pa.string())
-        )
+        mask = np.zeros(n, dtype=bool)
+        mask[slow] = True
+        email_out = pc.replace_with_mask(email_out, pa.array(mask), pa.array(fixed, pa.string()))
     return EmailVerdict(
         email=email_out,
-        problem=pa.array(problem, pa.string()),
-        message=pa.array(message, pa.string()),
+        problem=scatter(_PROBLEMS, codes.astype(np.int64) - 1),
+        message=scatter(pa.array(messages, pa.string()), said),
+        codes=codes,
     )

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from pipeline.arrowutil import blank_to_null, scatter, to_bool_np
 from pipeline.config import JobPlan, ProfileField
-from pipeline.emails import check_emails
+from pipeline.emails import INVALID, MISSING, check_emails
 from pipeline.extract import record_texts
 from pipeline.keyset import KeyHasher, SeenKeys
 
@@ -347,10 +347,9 @@ class Normalizer:
     def _validate(self, g: _Groups, merged: dict[str, pa.Array]) -> None:
         verdict = check_emails(merged["email"], lowercase_all=self.plan.target == "yesmail-send")
         merged["email"] = verdict.email
-        problem = verdict.problem.to_numpy(zero_copy_only=False)
         open_ = g.status == 0
-        for kind, code in (("missing_email", "MISSING_EMAIL"), ("invalid_email", "INVALID_EMAIL")):
-            rows = np.flatnonzero(open_ & (problem == code))
+        for kind, code in (("missing_email", MISSING), ("invalid_email", INVALID)):
+            rows = np.flatnonzero(open_ & (verdict.codes == code))
             g.fail(rows, kind, verdict.message.take(pa.array(rows)).to_pylist(), field="email")
         messages: list[pa.Array] = []
         for name in self.plan.fields:

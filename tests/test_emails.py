@@ -55,6 +55,9 @@ def check_against_reference(
             assert email == want_email, value
         # a message explains exactly the invalid addresses
         assert (message is not None) == (problem == "INVALID_EMAIL"), value
+    # the codes say what the problems say
+    named = {0: None, emails_mod.MISSING: "MISSING_EMAIL", emails_mod.INVALID: "INVALID_EMAIL"}
+    assert [named[int(c)] for c in v.codes] == v.problem.to_pylist()
     problems: list[str | None] = v.problem.to_pylist()
     return problems
 

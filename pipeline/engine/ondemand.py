@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
-from pipeline.emails import check_emails
+from pipeline.emails import INVALID, MISSING, check_emails
 from pipeline.errors import MaestroResult as R
 from pipeline.normalize import arrow_type
 from pipeline.payloads.jsonfrag import field as json_member
@@ -154,10 +154,10 @@ def evaluate_ondemand(
         flag_on[name] = to_bool_np(pc.equal(col, "true"))
     settle(rc.profile_invalid, R.INVALID_PROFILE)
     verdict = check_emails(rc.email)
-    problem = verdict.problem.to_numpy(zero_copy_only=False)
-    vmsg = verdict.message.to_numpy(zero_copy_only=False)
-    settle(problem == "MISSING_EMAIL", R.MISSING_EMAIL)
-    settle(problem == "INVALID_EMAIL", R.INVALID_EMAIL, vmsg)
+    settle(verdict.codes == MISSING, R.MISSING_EMAIL)
+    invalid = verdict.codes == INVALID
+    if invalid.any():
+        settle(invalid, R.INVALID_EMAIL, verdict.message.to_numpy(zero_copy_only=False))
     perr = rc.profile_error.to_numpy(zero_copy_only=False)
     settle(perr != None, R.PROFILE_VALIDATION_ERROR, perr)  # noqa: E711
     emails = verdict.email.to_pylist()
