@@ -58,6 +58,22 @@ def _reuse_freed_memory() -> None:
     # jemalloc's part is set in _prefer_jemalloc, where Arrow's pool is chosen
 
 
+def release_memory() -> None:
+    """Hand what glibc's heap holds free back to the kernel, once a stage has finished.
+
+    Within a stage, freed memory is kept for the next chunk (see
+    :func:`_reuse_freed_memory`); the next stage allocates for other things, so
+    what the stage before kept would only add to the run's peak (1M-row simulate
+    run: 850 → 730 MB). Arrow's jemalloc keeps its freed pages: its
+    ``release_unused`` gave none back here.
+    """
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _mallopt(param: int, value: int) -> None:
     """glibc's ``mallopt``; a no-op where the C library has none."""
     import contextlib

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pyarrow as pa
 
-from pipeline import __version__
+from pipeline import __version__, release_memory
 from pipeline.build import BUILD_SCHEMA, BatchCounter, JobBuild, build_job
 from pipeline.config import MailpipeConfig, parse_config
 from pipeline.errors import ConfigError, InputFileError, RunDirError
@@ -585,8 +585,10 @@ def _run_stages(run: RunDir, cfg: MailpipeConfig, until: str, progress: Progress
             if stages[:3] == ["extract", "normalize", "build"]:
                 _build_stages_together(run, cfg, progress)
                 stages = stages[3:]
+                release_memory()
             for stage in stages:
                 result = run_stage(run, cfg, stage, progress)
+                release_memory()
                 if stage == "report":
                     summary = result
         finally:

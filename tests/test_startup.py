@@ -49,3 +49,26 @@ def test_freed_arrow_memory_is_reused_without_faulting_it_in_again() -> None:
     # jemalloc's default handed each freed 16 MB result back to the kernel, and the
     # next one faulted its ~3,900 pages in again: ~78,000 page faults in this loop
     assert int(_run(REUSE)) < 2_000
+
+
+RELEASE = """
+import re
+import numpy as np
+import pipeline
+
+def anon_mb():
+    text = open("/proc/self/smaps_rollup").read()
+    return int(re.search(r"^Anonymous:\\s+(\\d+) kB", text, re.M).group(1)) // 1024
+
+heap = [np.ones(1_000_000) for _ in range(12)]  # 8 MB each: below the mmap threshold
+del heap
+kept = anon_mb()
+pipeline.release_memory()
+print(kept - anon_mb())
+"""
+
+
+def test_the_heap_a_finished_stage_freed_goes_back_to_the_kernel() -> None:
+    # the 96 MB freed above stay on glibc's heap for reuse (a trim threshold of 1 GB)
+    # until released
+    assert int(_run(RELEASE)) > 80
