@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,24 +80,29 @@ def remove_runs(wait: bool) -> None:
         time.sleep(FREED_INODES_AGE_S)
 
 
+def waited(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, Any, float, str, str]:
+    """Run a command to its end: (exit code, its ``wait4`` usage, wall seconds, stdout,
+    stderr). Its output goes to files, not pipes: a pipe read only after ``wait4``
+    would stop a command that writes more than the pipe holds."""
+    with tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=fout, stderr=ferr, env={**os.environ, **(env or {})}
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        fout.seek(0)
+        ferr.seek(0)
+        out, err = fout.read().decode(), ferr.read().decode()
+    return os.waitstatus_to_exitcode(status), usage, wall, out, err
+
+
 def measure(
     name: str, cmd: list[str], rows: int, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Run a command; return rows/s, wall, CPU and peak RSS of that process tree."""
     quiet()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
+    code, usage, wall, out, err = waited(cmd, env)
     if code not in (0, 1):
         raise SystemExit(f"{name}: exit {code}\n{out}\n{err}")
     cpu = usage.ru_utime + usage.ru_stime

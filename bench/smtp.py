@@ -47,7 +47,7 @@ PY = sys.executable
 TEMPLATES = ROOT / "configs" / "templates"
 
 sys.path.insert(0, str(BENCH))
-from run import fresh  # noqa: E402
+from run import fresh, waited  # noqa: E402
 
 CONFIG = """
 [run]
@@ -205,15 +205,10 @@ class Sink:
 
 
 def measure(name: str, cmd: list[str], sink: Sink) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    code, usage, wall, out, err = waited(cmd)
     sink_cpu = sink.stop()
-    if os.waitstatus_to_exitcode(status) not in (0, 1):
-        raise SystemExit(f"{name}: exit {os.waitstatus_to_exitcode(status)}\n{out}\n{err}")
+    if code not in (0, 1):
+        raise SystemExit(f"{name}: exit {code}\n{out}\n{err}")
     if out.lstrip().startswith("{"):
         messages = int(orjson.loads(out).get("status", {}).get("completed", 0))
     else:
