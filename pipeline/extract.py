@@ -37,6 +37,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.arrowutil import escape_rows
 from pipeline.config import SourceConfig
 from pipeline.csvread import read_csv
 from pipeline.errors import InputFileError
@@ -61,7 +62,6 @@ __all__ = [
 BLOCK_BYTES = 4 << 20
 PARQUET_BATCH = 65536
 PROVENANCE = ("_file", "_line", "_raw", "_offset", "_length", "_esc", "_reject")
-_NEEDS_ESCAPE = r'["\\\x00-\x1f]'
 
 
 @dataclass
@@ -184,10 +184,10 @@ def make_batch(
 
 def needs_escape(*cols: pa.Array) -> pa.Array:
     """Per row: does any of ``cols`` hold a character JSON must escape?"""
-    out: pa.Array = pa.array(np.zeros(len(cols[0]) if cols else 0, dtype=bool))
+    out = np.zeros(len(cols[0]) if cols else 0, dtype=bool)
     for col in cols:
-        out = pc.or_(out, pc.fill_null(pc.match_substring_regex(col, _NEEDS_ESCAPE), False))
-    return out
+        out |= escape_rows(col)
+    return pa.array(out)
 
 
 def map_columns(path: str, header: list[str], source: SourceConfig) -> dict[str, int]:
