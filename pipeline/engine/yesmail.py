@@ -387,7 +387,7 @@ def _request_problems(bodies: Sequence[Any]) -> list[str | None]:
         return problems
     verdicts = check_emails(
         pa.array([e if isinstance(e, str) else None for e in emails], pa.string())
-    ).problem.to_pylist()
+    ).codes.tolist()
     at = 0
     for i, body in enumerate(bodies):
         if problems[i] is None:
@@ -414,9 +414,9 @@ def _shape_problem(body: Any) -> str | None:
     return None
 
 
-def _recipient_problem(body: dict[str, Any], verdicts: list[str | None]) -> str | None:
+def _recipient_problem(body: dict[str, Any], verdicts: list[int]) -> str | None:
     """The first recipient the request is refused for; ``verdicts`` their emails'
-    :func:`check_emails` problems. A Python loop per recipient: they are parsed JSON,
+    :func:`check_emails` codes (0: no problem). A Python loop per recipient: they are parsed JSON,
     and most carry neither subscriptions nor anything but objects in userAttrs, so
     those checks are skipped or done in C (``map``)."""
     need_id = bool(body.get("updateProfile"))
@@ -429,7 +429,7 @@ def _recipient_problem(body: dict[str, Any], verdicts: list[str | None]) -> str 
         if rid is not None and not isinstance(rid, str):
             return f"recipients[{i}]: id must be a string"
         if email is not None:
-            if not isinstance(email, str) or verdicts[i] is not None:
+            if not isinstance(email, str) or verdicts[i]:
                 return f"recipients[{i}]: invalid email address"
             if email != email.lower():
                 return f"recipients[{i}]: subscriber email address is mixed case"
