@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import pytest
 from conftest import SEEDS, small_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pg_server import pg_server, pg_url  # noqa: F401  (fixtures)
 
 from pipeline.config import MailpipeConfig
@@ -1295,6 +1297,63 @@ def test_yesmail_a_refused_request_in_a_batch_stores_nothing_and_the_others_appl
     assert ym(store, "a@example.com")[1] == {"A"}
     assert ym(store, "h@example.com")[0] is not None
     assert answers[4].per_recipient == ["completed"]
+
+
+_ADDRESSES = ["ann@example.com", "bob@example.com", "cy@example.com", "dee@example.com"]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.data(),
+    transactional=st.booleans(),
+    statuses=st.lists(
+        st.sampled_from([None, "active", "unsubscribed", "dead", "referred"]),
+        min_size=len(_ADDRESSES),
+        max_size=len(_ADDRESSES),
+    ),
+)
+def test_yesmail_requests_without_subscriptions_or_profile_updates_commute(
+    store: Store, data: Any, transactional: bool, statuses: list[str | None]
+) -> None:
+    """What lets the http client send such requests to one address in any order
+    (``YesmailBuilder.commutes``): recipients that carry the same id for an address,
+    with no subscriptions and no updateProfile, get the same answers and leave the
+    same subscribers whichever request goes first."""
+    ids = {e: f"id-{i}" for i, e in enumerate(_ADDRESSES)}
+    recipient = st.builds(
+        lambda e, name: {
+            "email": e,
+            "id": ids[e],
+            "profile": {"userAttrs": [{"firstName": name}]},
+        },
+        st.sampled_from(_ADDRESSES),
+        st.text(alphabet="abc", max_size=2),
+    )
+    bodies = data.draw(
+        st.lists(
+            st.lists(recipient, min_size=1, max_size=3).map(
+                lambda rs: ym_body(rs, transactional=transactional, updateProfile=False)
+            ),
+            min_size=2,
+            max_size=5,
+        )
+    )
+    order = data.draw(st.permutations(range(len(bodies))))
+
+    def seed(store: Store) -> None:
+        for e, status in zip(_ADDRESSES, statuses):
+            if status is not None:
+                ym_seed(store, e, {"A"}, status, {"firstName": "Old"}, ids[e])
+
+    got = []
+    for sequence in (range(len(bodies)), order):
+        ym_clear(store)
+        seed(store)
+        answers = {i: outcome(evaluate_send(store, bodies[i], "u", None)) for i in sequence}
+        got.append(([answers[i] for i in range(len(bodies))], ym_tables(store)))
+    assert got[0] == got[1]
 
 
 def test_yesmail_requests_judged_until_the_first_refused_one(store: Store) -> None:

@@ -639,6 +639,84 @@ def test_requests_sharing_an_address_wait_for_each_other() -> None:
     assert unit_dependencies(emails, unit, 3) == [[], [0], [0]]
 
 
+def test_requests_whose_recipients_commute_do_not_wait() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.deliver.http import unit_dependencies
+
+    emails = pa.array(["a@x.com", "b@x.com", "c@x.com", "A@x.com", "b@x.com", "c@x.com"])
+    unit = np.array([0, 0, 0, 1, 1, 2])
+    # a: one id in both units; b: two ids; c: an id missing
+    ids = pa.array(["1", "2", "3", "1", "9", None])
+    assert unit_dependencies(emails, unit, 3) == [[], [0], [0]]
+    assert unit_dependencies(emails, unit, 3, ids) == [[], [0], [0]]
+    ids = pa.array(["1", "2", "3", "1", "2", "3"])  # every address with one id
+    assert unit_dependencies(emails, unit, 3, ids) == [[], [], []]
+    ids = pa.array(["1", "2", "3", "1", "2", "4"])  # only c's rows differ
+    assert unit_dependencies(emails, unit, 3, ids) == [[], [], [0]]
+
+
+def test_yesmail_requests_commute_only_without_subscriptions_or_profile_updates(
+    setup: Setup,
+) -> None:
+    import pyarrow as pa
+
+    from pipeline.payloads import builder_for
+
+    cfg = load_config(setup.config("client"), env={})
+    rows = pa.table(
+        {
+            "email": ["a@x.com", "b@x.com"],
+            "record_id": ["1", "2"],
+            "f:CUSTOMER_NO": ["C1", ""],
+        }
+    )
+    followup = cfg.jobs["followup"]
+    assert followup.subscriptions is not None  # isMemberOf: order matters
+    assert builder_for(cfg.plan("followup")).commutes(rows) is None
+    plain = followup.model_copy(update={"subscriptions": None})
+    cfg.jobs["followup"] = plain
+    assert builder_for(cfg.plan("followup")).commutes(rows).to_pylist() == ["C1", None]
+    cfg.jobs["followup"] = plain.model_copy(update={"updateProfile": True})
+    assert builder_for(cfg.plan("followup")).commutes(rows) is None
+
+
+def test_a_stop_in_one_chunk_stops_the_chunks_under_way_beside_it() -> None:
+    from pipeline.deliver.http import run_in_order
+    from pipeline.errors import DeliveryStopped
+
+    started: list[tuple[str, int]] = []
+    stops: list[Exception] = []
+
+    async def both() -> tuple[Any, Any]:
+        gate = asyncio.Event()
+
+        async def first(k: int, _release: Callable[[], None]) -> int:
+            started.append(("first", k))
+            raise DeliveryStopped("HTTP 401: check Api-User/Api-Key", code=401)
+
+        async def second(k: int, _release: Callable[[], None]) -> int:
+            started.append(("second", k))
+            if k == 0:
+                gate.set()
+                await asyncio.sleep(0.01)  # under way when the stop comes: answered
+            return k
+
+        async def later() -> Any:
+            await gate.wait()
+            return await run_in_order([[], []], first, stops=stops)
+
+        return await asyncio.gather(later(), run_in_order([[], [0]], second, stops=stops))
+
+    (_, stop1), (out2, stop2) = asyncio.run(both())
+    assert isinstance(stop1, DeliveryStopped) and isinstance(stop2, DeliveryStopped)
+    assert stop1 is not stop2  # each chunk's stop carries that chunk's answers
+    assert stop2.code == 401 and "check Api-User/Api-Key" in str(stop2)
+    assert out2 == [0, None]  # its second request waited for the first, then did not start
+    assert ("second", 1) not in started
+
+
 def test_only_the_documented_recip_answers_are_read() -> None:
     from pipeline.deliver.http_maestro import parse_recip_answer
 

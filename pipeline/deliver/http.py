@@ -16,12 +16,14 @@ Requests of a chunk run concurrently (``delivery.http.concurrency``), but a
 request that carries an address waits for every earlier request carrying the
 same address — the platforms judge an address against the state the previous
 call left, so this keeps a run's outcomes those of sending one request after
-the other (and equal to ``simulate``'s).
+the other (and equal to ``simulate``'s) — unless the builder says the order
+cannot matter (:meth:`~pipeline.payloads.base.Builder.commutes`).
 
 A 401 (or a server that cannot be reached) raises
-:class:`~pipeline.errors.DeliveryStopped`: no request is started after it, the
-requests already under way are answered and their outcomes travel in the
-exception's ``partial`` table; the other recipients were not sent.
+:class:`~pipeline.errors.DeliveryStopped`: no request is started after it, in
+this chunk or another under way beside it; the requests already under way
+are answered and their outcomes travel in the exception's ``partial`` table;
+the other recipients were not sent.
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ def chunk_items(builder: Builder, chunk: Chunk) -> ChunkItems:
     data = memoryview(commas.buffers()[2]) if n else memoryview(b"")
     units = len(chunk.starts) - 1
     unit_of_row = np.repeat(np.arange(units), np.diff(chunk.starts))
-    deps = unit_dependencies(rows.column("email").combine_chunks(), unit_of_row, units)
+    deps = unit_dependencies(
+        rows.column("email").combine_chunks(), unit_of_row, units, builder.commutes(rows)
+    )
     return ChunkItems(data, offsets, deps)
 
 
@@ -108,11 +112,15 @@ class Sender(Protocol):
     async def deliver(self, chunk: Chunk) -> tuple[list[BatchAnswer | None], Exception | None]: ...
 
 
-def unit_dependencies(emails: pa.Array, unit_of_row: np.ndarray, units: int) -> list[list[int]]:
+def unit_dependencies(
+    emails: pa.Array, unit_of_row: np.ndarray, units: int, commutes: pa.Array | None = None
+) -> list[list[int]]:
     """For each unit (a request), the earlier units that carry one of its addresses.
 
     Addresses match case-insensitively, as the platforms' stores do; a row is
     tied to the previous row with its address only, which chains the rest.
+    ``commutes`` (see :meth:`Builder.commutes`): an address whose rows all carry
+    one and the same non-null value ties nothing.
     """
     deps: list[list[int]] = [[] for _ in range(units)]
     if len(emails) < 2:
@@ -123,6 +131,8 @@ def unit_dependencies(emails: pa.Array, unit_of_row: np.ndarray, units: int) -> 
     codes = pc.dictionary_encode(keys).indices.to_numpy()
     order = np.argsort(codes, kind="stable")
     same = codes[order][1:] == codes[order][:-1]
+    if commutes is not None and same.any():
+        same &= _orders(codes[order], commutes.filter(pa.array(valid)), order)[1:]
     later = unit_of_row[rows[order[1:][same]]]
     earlier = unit_of_row[rows[order[:-1][same]]]
     cross = later != earlier
@@ -134,10 +144,22 @@ def unit_dependencies(emails: pa.Array, unit_of_row: np.ndarray, units: int) -> 
     return deps
 
 
+def _orders(sorted_codes: np.ndarray, values: pa.Array, order: np.ndarray) -> np.ndarray:
+    """Per row in ``order`` (rows sorted by address code): whether its address's rows
+    must keep their order, i.e. carry a null or more than one value."""
+    vcodes = pc.dictionary_encode(values).indices.fill_null(-1).to_numpy()[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    lo = np.minimum.reduceat(vcodes, starts)
+    hi = np.maximum.reduceat(vcodes, starts)
+    keep = (lo < 0) | (lo != hi)
+    return np.repeat(keep, np.diff(np.r_[starts, sorted_codes.size]))
+
+
 async def run_in_order(
     deps: list[list[int]],
     send: Callable[[int, Callable[[], None]], Awaitable[Any]],
     judged: Callable[[], None] | None = None,
+    stops: list[Exception] | None = None,
 ) -> tuple[list[Any], Exception | None]:
     """Run ``send(k, release)`` for every unit, each after the units it depends on.
 
@@ -146,11 +168,13 @@ async def run_in_order(
     left (following a Yesmail ticket) changes nothing they would be judged on.
     ``judged`` is called once every unit has released or returned. After a
     :class:`DeliveryStopped` no unit starts; the answers of those that ran are
-    returned with the stop (``None`` for the others).
+    returned with the stop (``None`` for the others). ``stops``, shared by the chunks
+    of a job that may be under way together: a stop in one is a stop in all.
     """
     done = [asyncio.Event() for _ in deps]
     out: list[Any] = [None] * len(deps)
-    stop: list[Exception] = []
+    stop: list[Exception] = []  # this chunk's
+    shared: list[Exception] = [] if stops is None else stops
     left = len(deps)
 
     def release(k: int) -> None:
@@ -162,16 +186,25 @@ async def run_in_order(
         if not left and not stop and judged is not None:
             judged()  # a stop is seen when the chunk returns, not before
 
+    def stopped(e: Exception) -> None:
+        stop.append(e)
+        if stops is not None:
+            stops.append(e)
+
     async def one(k: int) -> None:
         try:
             for d in deps[k]:
                 await done[d].wait()
+            if not stop and shared:  # another chunk stopped: this one stops too, unsent
+                first = shared[0]
+                code = first.code if isinstance(first, DeliveryStopped) else None
+                stop.append(DeliveryStopped(str(first), code=code))
             if not stop:
                 out[k] = await send(k, functools.partial(release, k))
         except DeliveryStopped as e:
-            stop.append(e)
+            stopped(e)
         except Exception as e:  # a bug: stop starting requests, raise it below
-            stop.append(e)
+            stopped(e)
             raise
         finally:
             release(k)
@@ -210,6 +243,7 @@ class HttpBackend:
         self._thread: threading.Thread | None = None
         self.transport: Transport | None = None
         self.sender: Sender | None = None
+        self.stops: list[Exception] = []  # a stop in one chunk under way stops the others
 
     def prepare(self, chunk: Chunk) -> None:
         """The requests' bodies and order, built while the chunk before is on its way

@@ -127,7 +127,7 @@ class OnDemandSender:
             url = f"{self.url}%5B{quote_text(str(items, 'utf-8'))}%5D"
             return await self._call(url, starts[k + 1] - starts[k])
 
-        return await run_in_order(ready.deps, send)
+        return await run_in_order(ready.deps, send, stops=self.backend.stops)
 
     async def _call(self, url: str, size: int) -> BatchAnswer:
         events: list[dict[str, str]] = []
@@ -223,7 +223,7 @@ class SubscribeSender:
             query = subscribe_query(*self.ids, self._subscriber(items[i]))
             return await self._call(f"{self.base}?{query}")
 
-        calls, stop = await run_in_order(deps, send)
+        calls, stop = await run_in_order(deps, send, stops=self.backend.stops)
         starts = chunk.starts.tolist()
         answers: list[BatchAnswer | None] = []
         for k in range(len(starts) - 1):

@@ -134,7 +134,7 @@ class YesmailSender:
                 raise
             return BatchAnswer(orjson.dumps({"attempts": attempts}), cols)
 
-        answers, stop = await run_in_order(ready.deps, send, chunk.judged.set)
+        answers, stop = await run_in_order(ready.deps, send, chunk.judged.set, self.backend.stops)
         for k, answer in stopped.items():
             answers[k] = answer
         return answers, stop

@@ -51,8 +51,9 @@ class Builder:
     ``items`` renders one JSON object per record (what is really sent),
     ``redacted`` the same with secrets replaced by ``***`` (what the request
     files keep), ``costs``/``budget`` bound a batch by URL length where the
-    target sends by GET, and ``envelope`` wraps a batch's items into the
-    request file.
+    target sends by GET, ``envelope`` wraps a batch's items into the
+    request file, and ``commutes`` says which requests to one address may
+    overtake each other.
     """
 
     target = ""
@@ -72,6 +73,13 @@ class Builder:
         return None
 
     def budget(self) -> int | None:
+        return None
+
+    def commutes(self, rows: pa.Table) -> pa.Array | None:
+        """Per recipient, a value such that the recipients of one address that all carry
+        the same (non-null) value leave the platform's answers and state alike in any
+        order, so their requests need not wait for each other; None: every request
+        carrying an address waits for the earlier ones carrying it."""
         return None
 
     def envelope(self, batch_id: str) -> tuple[bytes, bytes]:

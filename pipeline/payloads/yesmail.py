@@ -38,12 +38,7 @@ class YesmailBuilder(Builder):
         esc = rows.column("_esc").to_numpy(zero_copy_only=False)
         job = self.plan.job
         email = rows.column("email").combine_chunks()
-        if job.recipient_id == "email":
-            rid = field("id", email, esc)
-        elif job.recipient_id == "record_id":
-            rid = field("id", rows.column("record_id").combine_chunks(), esc)
-        else:
-            rid = field("id", rows.column(f"f:{job.recipient_id}").combine_chunks(), esc)
+        rid = field("id", self._ids(rows), esc)
         # userAttrs: an array of one-key objects, each item with its own leading comma
         attrs = [
             pc.binary_join_element_wise(
@@ -67,6 +62,26 @@ class YesmailBuilder(Builder):
             subs = job.subscriptions.model_dump(exclude_none=True)
             members.append(constant_member("subscriptions", subs, n))
         return obj(members, n)
+
+    def _ids(self, rows: pa.Table) -> pa.Array:
+        rid = self.plan.job.recipient_id
+        name = rid if rid in ("email", "record_id") else f"f:{rid}"
+        return rows.column(name).combine_chunks()
+
+    def commutes(self, rows: pa.Table) -> pa.Array | None:
+        """The recipients' ids, when the job neither changes subscriptions nor updates
+        profiles: a recipient then stores only its id and email (its status and
+        attributes stay what they were) and is answered from its status alone, which
+        such a recipient never changes. Recipients of one address with one id leave the
+        same subscriber in any order; an id missing or different orders them, as a new
+        subscriber needs both id and email and the last id given is the one stored."""
+        job = self.plan.job
+        if job.subscriptions is not None or job.updateProfile:
+            return None
+        ids = self._ids(rows)
+        if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+            ids = pc.if_else(pc.equal(ids, ""), pa.scalar(None, ids.type), ids)
+        return ids
 
     def body_head(self) -> bytes:
         job = self.plan.job
