@@ -717,6 +717,42 @@ def test_a_stop_in_one_chunk_stops_the_chunks_under_way_beside_it() -> None:
     assert ("second", 1) not in started
 
 
+def test_a_freed_slot_goes_to_a_follow_up_before_new_requests() -> None:
+    from pipeline.deliver.transport import _Slots
+
+    async def scenario() -> tuple[list[str], int]:
+        slots = _Slots(2)
+        order: list[str] = []
+        busy = 0
+        most = 0
+
+        async def request(name: str, follow_up: bool, hold: float) -> None:
+            nonlocal busy, most
+            await slots.acquire(follow_up)
+            try:
+                busy += 1
+                most = max(most, busy)
+                order.append(name)
+                await asyncio.sleep(hold)
+            finally:
+                busy -= 1
+                slots.release()
+
+        first = [asyncio.create_task(request(f"send{i}", False, 0.02)) for i in range(2)]
+        await asyncio.sleep(0)  # both slots taken
+        later = [asyncio.create_task(request(f"send{i}", False, 0.0)) for i in range(2, 4)]
+        cancelled = asyncio.create_task(request("poll-cancelled", True, 0.0))
+        polls = [asyncio.create_task(request(f"poll{i}", True, 0.0)) for i in range(2)]
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a waiter that goes away takes no slot with it
+        await asyncio.gather(*first, *later, *polls, cancelled, return_exceptions=True)
+        return order, most
+
+    order, most = asyncio.run(scenario())
+    assert order == ["send0", "send1", "poll0", "poll1", "send2", "send3"]
+    assert most == 2
+
+
 def test_only_the_documented_recip_answers_are_read() -> None:
     from pipeline.deliver.http_maestro import parse_recip_answer
 

@@ -230,7 +230,9 @@ class YesmailSender:
 
     async def _get(self, url: str, events: list[dict[str, str]], what: str) -> Any:
         try:
-            resp = await self.transport.request("GET", url, headers=self.headers, events=events)
+            resp = await self.transport.request(
+                "GET", url, headers=self.headers, events=events, follow_up=True
+            )
         except DeliveryStopped:
             raise
         except DeliveryError as e:

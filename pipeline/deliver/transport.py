@@ -19,6 +19,7 @@ event or a result file.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,42 @@ class _RateLimiter:
             await asyncio.sleep(slot - now)
 
 
+class _Slots:
+    """At most ``n`` requests at a time, like a semaphore, except that a freed slot goes
+    first to a waiting follow-up request (polling a ticket the platform accepted, reading
+    its results), then to the others in arrival order: finishing what was accepted is
+    never queued behind new work."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.waiting: tuple[collections.deque[asyncio.Future[None]], ...] = (
+            collections.deque(),
+            collections.deque(),
+        )
+
+    async def acquire(self, follow_up: bool) -> None:
+        if self.free > 0 and not (self.waiting[0] or self.waiting[1]):
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting[0 if follow_up else 1].append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed a slot, then cancelled: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        for queue in self.waiting:
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
+        self.free += 1
+
+
 class Transport:
     """One aiohttp session with the settings of ``[delivery.http]``; create it in a running loop."""
 
@@ -100,7 +137,7 @@ class Transport:
         self.cfg = cfg
         self.policy = policy
         self.secrets = [s for s in secrets if s]
-        self.slots = asyncio.Semaphore(cfg.concurrency)
+        self.slots = _Slots(cfg.concurrency)
         self.limiter = _RateLimiter(cfg.rate)
         self.session = aiohttp.ClientSession(
             # self.slots bounds the requests, hence the connections: the connector's own
@@ -130,11 +167,14 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         data: bytes | None = None,
         events: list[dict[str, str]] | None = None,
+        follow_up: bool = False,
     ) -> Response:
         """Send with retries; every final answer but a transient one is returned as it is.
 
         ``url`` is already percent-encoded (sent as it is); ``shown`` is how
         messages name it. Each retry appends a ``retrying`` event to ``events``.
+        A ``follow_up`` (of a request the platform accepted) gets the next free
+        slot before new requests.
         After the last attempt a transient failure raises
         :class:`~pipeline.errors.DeliveryError` (``transient``), or
         :class:`~pipeline.errors.DeliveryStopped` when no connection could be made.
@@ -145,7 +185,7 @@ class Transport:
         # the message's name of the URL only made when something went wrong
         while True:
             try:
-                return await self._attempt(method, target, url, shown, headers, data)
+                return await self._attempt(method, target, url, shown, headers, data, follow_up)
             except _Retry as e:
                 if attempt >= self.policy.attempts:
                     raise self._gave_up(e) from None
@@ -162,9 +202,11 @@ class Transport:
         shown: str | None,
         headers: Mapping[str, str] | None,
         data: bytes | None,
+        follow_up: bool,
     ) -> Response:
         """One try: the answer, or :class:`_Retry` for what is transient."""
-        async with self.slots:
+        await self.slots.acquire(follow_up)
+        try:
             await self.limiter.wait()
             try:
                 async with self.session.request(
@@ -190,6 +232,8 @@ class Transport:
                     code="connection",
                     retry_after=None,
                 ) from None
+        finally:
+            self.slots.release()
         if answer.status == 429 or answer.status >= 500:
             err = _Retry(
                 f"HTTP {answer.status} from {self._name(method, url, shown)}",
