@@ -67,20 +67,21 @@ def release_memory() -> None:
     run: 850 → 730 MB). Arrow's jemalloc keeps its freed pages: its
     ``release_unused`` gave none back here.
     """
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+    _glibc("malloc_trim", 0)
 
 
 def _mallopt(param: int, value: int) -> None:
     """glibc's ``mallopt``; a no-op where the C library has none."""
+    _glibc("mallopt", param, value)
+
+
+def _glibc(name: str, *args: int) -> None:
+    """Call a function of the C library by name; a no-op where it has none."""
     import contextlib
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(param, value)
+        getattr(ctypes.CDLL(None), name)(*args)
 
 
 def _one_blas_thread() -> None:

@@ -174,7 +174,7 @@ async def run_in_order(
     done = [asyncio.Event() for _ in deps]
     out: list[Any] = [None] * len(deps)
     stop: list[Exception] = []  # this chunk's
-    shared: list[Exception] = [] if stops is None else stops
+    shared = stop if stops is None else stops  # the job's
     left = len(deps)
 
     def release(k: int) -> None:
@@ -188,8 +188,8 @@ async def run_in_order(
 
     def stopped(e: Exception) -> None:
         stop.append(e)
-        if stops is not None:
-            stops.append(e)
+        if shared is not stop:
+            shared.append(e)
 
     async def one(k: int) -> None:
         try:
