@@ -21,7 +21,12 @@ from hypothesis import strategies as st
 from pg_server import pg_server, pg_url  # noqa: F401  (fixtures)
 
 from pipeline.config import MailpipeConfig
-from pipeline.engine.ondemand import answer_recip, columns_from_objects, evaluate_ondemand
+from pipeline.engine.ondemand import (
+    answer_recip,
+    columns_from_objects,
+    evaluate_ondemand,
+    precheck,
+)
 from pipeline.engine.subscribe import evaluate_subscribe
 from pipeline.engine.yesmail import evaluate_send, evaluate_sends
 from pipeline.errors import MaestroResult, YesmailStatus
@@ -576,6 +581,53 @@ def test_ondemand_same_address_twice_sees_the_first_ones_state(store: Store) -> 
         {"email": "late@example.com", "profile": {"FIRST_NAME": "L"}, **ADD},
     ]
     assert call(cfg, store, recips) == [err("ADDRESS_NOT_FOUND"), OK]
+
+
+def test_ondemand_precheck_made_ahead_answers_as_the_engine_does(tmp_path: Any) -> None:
+    """The simulate backend works out each chunk's precheck while the chunk before is
+    judged: given it, the engine answers and stores exactly what it does from the
+    columns, rounds of repeated addresses included (a suppressed address repeated, a
+    repeated address first refused before the store is asked)."""
+    cfg = od_config()
+    plan = cfg.plan("confirm")
+    recips = [
+        {"email": "twin@example.com", "ifExistsDoUpdate": "yes"},  # refused before the store
+        {"email": "gone@example.com", **ADD, "profile": {"FIRST_NAME": "G"}},
+        {"email": "twin@example.com", "profile": {"FIRST_NAME": "T"}, **ADD},
+        {"email": "bad"},
+        {"email": "gone@example.com"},
+        {"email": "TWIN@example.com", "profile": {"LAST_NAME": "Two"}, "ifExistsDoUpdate": True},
+        {"email": "late@example.com"},
+        {"email": "late@example.com", "profile": {"FIRST_NAME": "L"}, **ADD},
+        {"email": "twin@example.com", "ifExistsForceSending": 1},
+    ]
+    answers, stored = [], []
+    for ahead in (False, True):
+        store = Store(f"sqlite:///{tmp_path}/store-{ahead}.db")
+        suppress(store, "gone@example.com")
+        rc = columns_from_objects(recips, plan)
+        answer = evaluate_ondemand(cfg, plan, store, precheck(rc) if ahead else rc)
+        answers.append(answer.bodies())
+        stored.append({k: (r["state"], r["profile"]) for k, r in rows(store).items()})
+        store.close()
+    assert answers[0] == answers[1]
+    assert stored[0] == stored[1]
+    assert answers[0] == [
+        err("INVALID_DO_UPDATE_FLAG"),
+        err("ADDRESS_REJECTED_BY_SUPPRESSION_LIST"),
+        OK,
+        {**err("INVALID_EMAIL"), "message": answers[0][3]["message"]},
+        err("ADDRESS_REJECTED_BY_SUPPRESSION_LIST"),
+        OK,
+        err("ADDRESS_NOT_FOUND"),
+        OK,
+        err("INVALID_FORCE_DELIVERY_FLAG"),
+    ]
+    assert orjson.loads(stored[0]["twin@example.com"][1]) == {
+        "FIRST_NAME": "T",
+        "LAST_NAME": "Two",
+        "VIP": False,
+    }
 
 
 def test_ondemand_checks_run_in_the_documented_order(store: Store) -> None:

@@ -21,7 +21,13 @@ from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
 from pipeline.deliver import OUTCOME_SCHEMA, conform
 from pipeline.deliver.runner import BatchRows, Chunk, fault
-from pipeline.engine.ondemand import RecipColumns, columns_from_objects, evaluate_ondemand
+from pipeline.engine.ondemand import (
+    Precheck,
+    RecipColumns,
+    columns_from_objects,
+    evaluate_ondemand,
+    precheck,
+)
 from pipeline.engine.subscribe import evaluate_subscribe
 from pipeline.engine.yesmail import SendAnswer, evaluate_send, evaluate_sends
 from pipeline.errors import MaestroResult, YesmailStatus
@@ -69,6 +75,13 @@ class SimulateBackend:
             return []
         return [k or "" for k in rows.column("_lkey").to_pylist()]
 
+    def prepare(self, chunk: Chunk) -> None:
+        """On-demand: the recipients' columns and what their own objects decide (no store
+        needed), worked out while the chunk before is judged (1M rows: ~1.5 s of the
+        engine thread's ~10 s)."""
+        if self.plan.target == "maestro-ondemand":
+            chunk.prepared = precheck(self._recip_columns(chunk.rows))
+
     def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         target = self.plan.target
         if target == "maestro-ondemand":
@@ -105,9 +118,10 @@ class SimulateBackend:
             )
             log_platform(conn, self.plan.name, keys, said)
 
-        answer = evaluate_ondemand(
-            self.cfg, self.plan, self.store, self._recip_columns(rows), log=log if keys else None
-        )
+        pre = chunk.prepared
+        if not isinstance(pre, Precheck):
+            pre = precheck(self._recip_columns(rows))
+        answer = evaluate_ondemand(self.cfg, self.plan, self.store, pre, log=log if keys else None)
         now = now_iso()
         recs = rows.column("_rec").combine_chunks()
         if answer.request_error is not None:

@@ -49,10 +49,12 @@ from pipeline.store import Store, profile_json
 
 __all__ = [
     "OnDemandAnswer",
+    "Precheck",
     "RecipColumns",
     "answer_recip",
     "columns_from_objects",
     "evaluate_ondemand",
+    "precheck",
 ]
 
 _FLAG_CODES = {
@@ -119,57 +121,103 @@ def request_error(cfg: MailpipeConfig, plan: JobPlan, store: Store) -> R | None:
     return None
 
 
-def evaluate_ondemand(
-    cfg: MailpipeConfig,
-    plan: JobPlan,
-    store: Store,
-    rc: RecipColumns,
-    today: str | None = None,
-    log: Callable[[Any, list[R], list[str | None]], None] | None = None,
-) -> OnDemandAnswer:
-    """Answer every recipient, update the store in one transaction.
+@dataclass
+class Precheck:
+    """What the recipients' own objects decide, before the store is asked (steps 2 and
+    3): the codes settled so far (None: still open), each address as given and as the
+    store matches it, the flags that are on, and each open recipient's occurrence of its
+    address (its round; -1 when settled). Needs no store, so the simulate backend works
+    it out for the next chunk while the one before is judged."""
 
-    ``log(conn, codes, messages)`` runs in that transaction with the answers (the
-    simulate backend keeps the platform's own record of what it processed).
-    """
+    rc: RecipColumns
+    code: np.ndarray
+    message: np.ndarray
+    flag_on: dict[str, np.ndarray]
+    emails: list[str | None]
+    keys: np.ndarray
+    occurrence: np.ndarray
+
+
+def precheck(rc: RecipColumns) -> Precheck:
+    """Steps 2 and 3 for every recipient, with arrays."""
     n = len(rc)
-    err = request_error(cfg, plan, store)
-    if err is not None:
-        return OnDemandAnswer(err, [err] * n, [None] * n)
     code = np.full(n, None, dtype=object)
     message = np.full(n, None, dtype=object)
-
-    def settle(mask: np.ndarray, result: R, msg: Any = None) -> None:
-        m = mask & (code == None)  # noqa: E711 - elementwise on an object array
-        code[m] = result
-        if msg is not None:
-            message[m] = msg[m] if isinstance(msg, np.ndarray) else msg
-
     flag_on: dict[str, np.ndarray] = {}
     for name in FLAG_NAMES:
         col = rc.flags.get(name, pa.nulls(n, pa.string()))
         bad = to_bool_np(pc.invert(pc.is_in(col, pa.array(["true", "false"]))))
         bad &= to_bool_np(pc.is_valid(col))
-        settle(bad, _FLAG_CODES[name])
+        _settle(code, message, bad, _FLAG_CODES[name])
         flag_on[name] = to_bool_np(pc.equal(col, "true"))
-    settle(rc.profile_invalid, R.INVALID_PROFILE)
+    _settle(code, message, rc.profile_invalid, R.INVALID_PROFILE)
     verdict = check_emails(rc.email)
-    settle(verdict.codes == MISSING, R.MISSING_EMAIL)
+    _settle(code, message, verdict.codes == MISSING, R.MISSING_EMAIL)
     invalid = verdict.codes == INVALID
     if invalid.any():
-        settle(invalid, R.INVALID_EMAIL, verdict.message.to_numpy(zero_copy_only=False))
+        _settle(
+            code, message, invalid, R.INVALID_EMAIL, verdict.message.to_numpy(zero_copy_only=False)
+        )
     perr = rc.profile_error.to_numpy(zero_copy_only=False)
-    settle(perr != None, R.PROFILE_VALIDATION_ERROR, perr)  # noqa: E711
-    emails = verdict.email.to_pylist()
+    _settle(code, message, perr != None, R.PROFILE_VALIDATION_ERROR, perr)  # noqa: E711
     keys = _store_keys(verdict.email)
-    open_ = code == None  # noqa: E711
+    occurrence = np.full(n, -1, dtype=np.int64)
+    open_idx = np.flatnonzero(code == None)  # noqa: E711
+    occurrence[open_idx] = _occurrences(keys[open_idx])
+    return Precheck(rc, code, message, flag_on, verdict.email.to_pylist(), keys, occurrence)
+
+
+def _settle(
+    code: np.ndarray, message: np.ndarray, mask: np.ndarray, result: R, msg: Any = None
+) -> None:
+    """Give ``result`` (and ``msg``) to the recipients of ``mask`` not answered yet."""
+    m = mask & (code == None)  # noqa: E711 - elementwise on an object array
+    code[m] = result
+    if msg is not None:
+        message[m] = msg[m] if isinstance(msg, np.ndarray) else msg
+
+
+def _occurrences(keys: np.ndarray) -> np.ndarray:
+    """For each key, how many times it came before it (0 for its first occurrence);
+    integer codes sort much faster than the strings themselves."""
+    codes = pc.dictionary_encode(pa.array(keys, pa.string())).indices.to_numpy()
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.ones(order.size, dtype=bool)
+    starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))
+    occurrence = np.empty(order.size, dtype=np.int64)
+    occurrence[order] = np.arange(order.size) - run_start
+    return occurrence
+
+
+def evaluate_ondemand(
+    cfg: MailpipeConfig,
+    plan: JobPlan,
+    store: Store,
+    rc: RecipColumns | Precheck,
+    today: str | None = None,
+    log: Callable[[Any, list[R], list[str | None]], None] | None = None,
+) -> OnDemandAnswer:
+    """Answer every recipient, update the store in one transaction.
+
+    ``rc`` may be its :func:`precheck` already made. ``log(conn, codes, messages)``
+    runs in that transaction with the answers (the simulate backend keeps the
+    platform's own record of what it processed).
+    """
+    n = len(rc.rc if isinstance(rc, Precheck) else rc)
+    err = request_error(cfg, plan, store)
+    if err is not None:
+        return OnDemandAnswer(err, [err] * n, [None] * n)
+    pre = rc if isinstance(rc, Precheck) else precheck(rc)
+    code, message, keys = pre.code, pre.message, pre.keys
     day = today or dt.date.today().isoformat()
     with store.begin() as conn:
-        at = np.flatnonzero(open_)
+        at = np.flatnonzero(code == None)  # noqa: E711
         suppressed = np.zeros(n, bool)
         suppressed[at] = store.suppressed_mask(conn, keys[at].tolist())
-        settle(suppressed, R.ADDRESS_REJECTED_BY_SUPPRESSION_LIST)
-        _rounds(cfg, plan, store, conn, rc, keys, emails, flag_on, code, message, day)
+        _settle(code, message, suppressed, R.ADDRESS_REJECTED_BY_SUPPRESSION_LIST)
+        _rounds(cfg, plan, store, conn, pre, day)
         code[code == None] = R.SUCCESS  # noqa: E711
         if log is not None:
             log(conn, list(code), list(message))
@@ -188,50 +236,33 @@ def _store_keys(emails: pa.Array) -> np.ndarray:
 
 
 def _rounds(
-    cfg: MailpipeConfig,
-    plan: JobPlan,
-    store: Store,
-    conn: Any,
-    rc: RecipColumns,
-    keys: np.ndarray,
-    emails: list[str | None],
-    flag_on: dict[str, np.ndarray],
-    code: np.ndarray,
-    message: np.ndarray,
-    day: str,
+    cfg: MailpipeConfig, plan: JobPlan, store: Store, conn: Any, pre: Precheck, day: str
 ) -> None:
     """Judge the open recipients against the store, first occurrences first.
 
     Each round is judged with arrays: one lookup for all its addresses, masks
-    for each rule, one write for all the subscribers it adds.
+    for each rule, one write for all the subscribers it adds. (A suppressed
+    address is suppressed at each of its occurrences, so the rounds counted
+    before suppression are still right after it.)
     """
-    open_idx = np.flatnonzero(code == None)  # noqa: E711
-    if open_idx.size == 0:
+    still = pre.code == None  # noqa: E711
+    if not still.any():
         return
-    # occurrence number of each address among the open recipients (integer codes sort
-    # much faster than the strings themselves)
-    codes = pc.dictionary_encode(pa.array(keys[open_idx], pa.string())).indices.to_numpy()
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    starts = np.ones(order.size, dtype=bool)
-    starts[1:] = sorted_codes[1:] != sorted_codes[:-1]
-    run_start = np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))
-    occurrence = np.empty(order.size, dtype=np.int64)
-    occurrence[order] = np.arange(order.size) - run_start
-    for rnd in range(int(occurrence.max()) + 1):
+    for rnd in range(int(pre.occurrence[still].max()) + 1):
+        idx = np.flatnonzero(still & (pre.occurrence == rnd))
         _round(
             cfg,
             plan,
             store,
             conn,
-            rc,
-            keys,
-            emails,
-            flag_on,
-            code,
-            message,
+            pre.rc,
+            pre.keys,
+            pre.emails,
+            pre.flag_on,
+            pre.code,
+            pre.message,
             day,
-            open_idx[occurrence == rnd],
+            idx,
         )
 
 
