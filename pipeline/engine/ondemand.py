@@ -127,7 +127,8 @@ class Precheck:
     3): the codes settled so far (None: still open), each address as given and as the
     store matches it, the flags that are on, and each open recipient's occurrence of its
     address (its round; -1 when settled). Needs no store, so the simulate backend works
-    it out for the next chunk while the one before is judged."""
+    it out for the next chunk while the one before is judged. Judging fills in its
+    codes: it serves one call."""
 
     rc: RecipColumns
     code: np.ndarray
@@ -249,21 +250,7 @@ def _rounds(
     if not still.any():
         return
     for rnd in range(int(pre.occurrence[still].max()) + 1):
-        idx = np.flatnonzero(still & (pre.occurrence == rnd))
-        _round(
-            cfg,
-            plan,
-            store,
-            conn,
-            pre.rc,
-            pre.keys,
-            pre.emails,
-            pre.flag_on,
-            pre.code,
-            pre.message,
-            day,
-            idx,
-        )
+        _round(cfg, plan, store, conn, pre, day, np.flatnonzero(still & (pre.occurrence == rnd)))
 
 
 def _round(
@@ -271,15 +258,11 @@ def _round(
     plan: JobPlan,
     store: Store,
     conn: Any,
-    rc: RecipColumns,
-    keys: np.ndarray,
-    emails: list[str | None],
-    flag_on: dict[str, np.ndarray],
-    code: np.ndarray,
-    message: np.ndarray,
+    pre: Precheck,
     day: str,
     idx: np.ndarray,
 ) -> None:
+    rc, keys, emails, flag_on = pre.rc, pre.keys, pre.emails, pre.flag_on
     lst = plan.lst
     round_keys = keys[idx].tolist()
     state, bounces, suspended = store.states(conn, plan.list_name, round_keys)
@@ -328,8 +311,8 @@ def _round(
             store, conn, lst.group or "", limit, day, round_keys, known, force, verdict, note
         )
     verdict[verdict == None] = R.SUCCESS  # noqa: E711
-    code[idx] = verdict
-    message[idx] = note
+    pre.code[idx] = verdict
+    pre.message[idx] = note
 
 
 def _missing_fields(
