@@ -16,12 +16,13 @@ from typing import Any
 import orjson
 import pytest
 from conftest import SEEDS, small_config
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pg_server import pg_server, pg_url  # noqa: F401  (fixtures)
 
 from pipeline.config import MailpipeConfig
 from pipeline.engine.ondemand import (
+    _judge_profile,
     answer_recip,
     columns_from_objects,
     evaluate_ondemand,
@@ -628,6 +629,88 @@ def test_ondemand_precheck_made_ahead_answers_as_the_engine_does(tmp_path: Any) 
         "LAST_NAME": "Two",
         "VIP": False,
     }
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=3)
+    | st.sampled_from(["red", "green", "a", "b", " ", ""]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+_NAMES = st.sampled_from(
+    ["FIRST_NAME", "LAST_NAME", "AGE", "VIP", "COLOR", "TAGS", "SHIP1", "NOPE"]
+)
+_RECIP = st.one_of(
+    _JSON,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "email": _JSON | st.just("a@example.com"),
+            "ifNotExistsAddAndSend": _JSON,
+            "ifExistsDoUpdate": _JSON,
+            "profile": st.dictionaries(_NAMES, _JSON, max_size=4) | _JSON,
+        },
+    ),
+)
+
+
+# a value of the wrong type for each kind of field
+_WRONG = [
+    ("AGE", True),
+    ("AGE", 2.0),
+    ("VIP", 1),
+    ("FIRST_NAME", " "),
+    ("LAST_NAME", 5),
+    ("COLOR", "blue"),
+    ("COLOR", ["red"]),
+    ("TAGS", ["a", 1]),
+    ("TAGS", "a"),
+    ("SHIP1", False),
+    ("NOPE", "x"),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_RECIP, max_size=8))
+@example(
+    [
+        # one doubt a recipient: nothing else sends it to be judged alone
+        *({"profile": {name: value}} for name, value in _WRONG),
+        {"profile": {"COLOR": "blue", "TAGS": ["a", 1], "NOPE": 1, "SHIP1": 5, "AGE": 2.0}},
+        {"profile": {"LAST_NAME": None, "COLOR": "red", "TAGS": ["b"], "AGE": 3, "VIP": False}},
+        {"profile": ["AGE"], "ifExistsDoUpdate": "true"},
+        "a@example.com",
+    ]
+)
+def test_ondemand_columns_are_each_objects_own_judgement(objs: list[Any]) -> None:
+    """Columns built a field at a time say, for every recipient, what judging its object
+    alone says: the profile's problems in its own order, the values without one, the
+    flags' JSON spelling (a value of the wrong type never passes as of the right one)."""
+    plan = od_config().plan("confirm")
+    known = set(plan.lst.fields) | set(plan.job.merge_fields)
+    rc = columns_from_objects(objs, plan)
+    for i, obj in enumerate(objs):
+        rec = obj if isinstance(obj, dict) else {}
+        profile = rec.get("profile")
+        is_object = isinstance(profile, dict)
+        assert rc.profile_invalid[i] == (profile is not None and not is_object)
+        problems, good = _judge_profile(profile if is_object else {}, plan, known)
+        assert rc.profile_error[i].as_py() == ("; ".join(problems) or None)
+        for name in known:
+            assert rc.profile[name][i].as_py() == good.get(name)
+        email = rec.get("email")
+        assert rc.email[i].as_py() == (
+            email if email is None or isinstance(email, str) else orjson.dumps(email).decode()
+        )
+        for f in ("ifNotExistsAddAndSend", "ifExistsDoUpdate", "ifExistsForceSending"):
+            want = None if f not in rec else orjson.dumps(rec[f]).decode()
+            assert rc.flags[f][i].as_py() == want
 
 
 def test_ondemand_checks_run_in_the_documented_order(store: Store) -> None:

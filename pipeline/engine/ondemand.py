@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrowutil import to_bool_np
-from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
+from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig, ProfileField
 from pipeline.emails import INVALID, MISSING, check_emails
 from pipeline.errors import MaestroResult as R
 from pipeline.normalize import arrow_type
@@ -470,57 +470,50 @@ def columns_from_objects(objs: list[Any], plan: JobPlan) -> RecipColumns:
     Used for recipients that come as JSON (the sandbox, per-row profile
     objects): flags keep their JSON spelling, profile values are checked
     against the list's fields and the job's on-demand merge fields.
-    """
-    from pipeline.engine.subscribe import _type_problem
 
+    Built a column at a time: each field's values are gathered and checked with
+    a test that passes only values certainly of the field's type; the few
+    recipients with a value it does not pass, or a field it does not know, are
+    judged one by one (:func:`_judge_profile`), which words their problems.
+    """
     n = len(objs)
-    emails: list[str | None] = []
-    flags: dict[str, list[str | None]] = {f: [] for f in FLAG_NAMES}
-    errors: list[str | None] = []
-    invalid = np.zeros(n, dtype=bool)
+    recs = [obj if isinstance(obj, dict) else {} for obj in objs]
+    emails = [
+        e if e is None or isinstance(e, str) else orjson.dumps(e).decode()
+        for e in (rec.get("email") for rec in recs)
+    ]
+    flags: dict[str, list[str | None]] = {
+        f: [
+            None
+            if f not in rec
+            else "true"
+            if (v := rec[f]) is True
+            else "false"
+            if v is False
+            else orjson.dumps(v).decode()
+            for rec in recs
+        ]
+        for f in FLAG_NAMES
+    }
+    raw = [rec.get("profile") for rec in recs]
+    invalid = np.fromiter((p is not None and not isinstance(p, dict) for p in raw), bool, n)
+    profiles: list[dict[str, Any]] = [p if isinstance(p, dict) else {} for p in raw]
     known = set(plan.lst.fields) | set(plan.job.merge_fields)
-    values: dict[str, list[Any]] = {f: [None] * n for f in known}
-    for i, obj in enumerate(objs):
-        rec = obj if isinstance(obj, dict) else {}
-        email = rec.get("email")
-        emails.append(
-            email
-            if isinstance(email, str)
-            else None
-            if email is None
-            else orjson.dumps(email).decode()
-        )
-        for f in FLAG_NAMES:
-            v = rec.get(f)
-            flags[f].append(
-                None
-                if f not in rec
-                else "true"
-                if v is True
-                else "false"
-                if v is False
-                else orjson.dumps(v).decode()
-            )
-        profile = rec.get("profile", {})
-        if profile is None:
-            profile = {}
-        if not isinstance(profile, dict):
-            invalid[i] = True
-            errors.append(None)
-            continue
-        problems = []
-        for name, value in profile.items():
-            if name not in known:
-                problems.append(f"{name}: not a field of the list nor an on-demand merge field")
-                continue
-            # on-demand merge fields are plain text (JobPlan.field_spec): a value of any
-            # other JSON type is a validation error, not a crash when building columns
-            bad = _type_problem(plan.field_spec(name), value)
-            if bad and value is not None:
-                problems.append(f"{name}: {bad}")
-            else:
-                values[name][i] = value
-        errors.append("; ".join(problems) or None)
+    doubtful = {i for i, p in enumerate(profiles) if p and not p.keys() <= known}
+    values: dict[str, list[Any]] = {}
+    for name in known:
+        vals = values[name] = [p.get(name) for p in profiles]
+        sure = _surely_of_type(plan.field_spec(name))
+        if sure is None:  # plain text
+            doubtful.update(i for i, v in enumerate(vals) if v is not None and type(v) is not str)
+        else:
+            doubtful.update(i for i, v in enumerate(vals) if v is not None and not sure(v))
+    errors: list[str | None] = [None] * n
+    for i in doubtful:
+        problems, good = _judge_profile(profiles[i], plan, known)
+        errors[i] = "; ".join(problems) or None
+        for name in known:
+            values[name][i] = good.get(name)
     profile_cols = {name: pa.array(vals, _arrow_type(plan, name)) for name, vals in values.items()}
     return RecipColumns(
         email=pa.array(emails, pa.string()),
@@ -529,6 +522,48 @@ def columns_from_objects(objs: list[Any], plan: JobPlan) -> RecipColumns:
         profile_error=pa.array(errors, pa.string()),
         profile_invalid=invalid,
     )
+
+
+def _judge_profile(
+    profile: dict[str, Any], plan: JobPlan, known: set[str]
+) -> tuple[list[str], dict[str, Any]]:
+    """One recipient's profile: its problems in the order of its members, and the
+    values that have none."""
+    from pipeline.engine.subscribe import _type_problem
+
+    problems: list[str] = []
+    good: dict[str, Any] = {}
+    for name, value in profile.items():
+        if name not in known:
+            problems.append(f"{name}: not a field of the list nor an on-demand merge field")
+            continue
+        # on-demand merge fields are plain text (JobPlan.field_spec): a value of any
+        # other JSON type is a validation error, not a crash when building columns
+        bad = _type_problem(plan.field_spec(name), value)
+        if bad and value is not None:
+            problems.append(f"{name}: {bad}")
+        else:
+            good[name] = value
+    return problems, good
+
+
+def _surely_of_type(spec: ProfileField) -> Callable[[Any], bool] | None:
+    """A test that passes a (non-null) value only when :func:`_type_problem` finds nothing
+    wrong with it (it may fail some that are fine: those are judged one by one); None for
+    plain optional text, where the test is ``type(v) is str``."""
+    if spec.type == "number":
+        return lambda v: type(v) is int
+    if spec.type == "boolean":
+        return lambda v: v is True or v is False
+    if spec.type == "multi-select":
+        lookup = frozenset(spec.lookup)
+        return lambda v: type(v) is list and all(type(x) is str and x in lookup for x in v)
+    if spec.type == "single-select":
+        lookup = frozenset(spec.lookup)
+        return lambda v: type(v) is str and v in lookup and not (spec.mandatory and not v.strip())
+    if spec.mandatory:
+        return lambda v: type(v) is str and bool(v.strip())
+    return None
 
 
 def _arrow_type(plan: JobPlan, name: str) -> pa.DataType:
