@@ -138,6 +138,9 @@ class Precheck:
     keys: np.ndarray
     occurrence: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.rc)
+
 
 def precheck(rc: RecipColumns) -> Precheck:
     """Steps 2 and 3 for every recipient, with arrays."""
@@ -206,7 +209,7 @@ def evaluate_ondemand(
     runs in that transaction with the answers (the simulate backend keeps the
     platform's own record of what it processed).
     """
-    n = len(rc.rc if isinstance(rc, Precheck) else rc)
+    n = len(rc)
     err = request_error(cfg, plan, store)
     if err is not None:
         return OnDemandAnswer(err, [err] * n, [None] * n)
