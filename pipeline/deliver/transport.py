@@ -1,5 +1,5 @@
-"""HTTP requests for the ``http`` backend: one aiohttp session, a concurrency cap, a rate
-limit, and retries of what is transient.
+"""HTTP requests for the ``http`` backend: kept-alive connections (:mod:`.h1`), a
+concurrency cap, a rate limit, and retries of what is transient.
 
 Every request goes through :meth:`Transport.request`: it waits for a free slot
 (``delivery.http.concurrency``) and for the rate limiter
@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
 from pipeline.config import HttpConfig
+from pipeline.deliver.h1 import ConnectFailed, H1Client
 from pipeline.errors import DeliveryError, DeliveryStopped
 from pipeline.payloads.base import REDACTED
 from pipeline.retry import RetryPolicy, retrying_event
@@ -129,7 +127,7 @@ class _Slots:
 
 
 class Transport:
-    """One aiohttp session with the settings of ``[delivery.http]``; create it in a running loop."""
+    """The connections and limits of ``[delivery.http]``; create it in a running loop."""
 
     def __init__(
         self, cfg: HttpConfig, policy: RetryPolicy, secrets: Iterable[str | None] = ()
@@ -139,19 +137,13 @@ class Transport:
         self.secrets = [s for s in secrets if s]
         self.slots = _Slots(cfg.concurrency)
         self.limiter = _RateLimiter(cfg.rate)
-        self.session = aiohttp.ClientSession(
-            # self.slots bounds the requests, hence the connections: the connector's own
-            # limit would only repeat the count for every request
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=cfg.timeout),
-            skip_auto_headers=("User-Agent",),
-            headers={"User-Agent": "mailpipe"},
-            # the platforms authenticate every call by token, key or Basic auth: no cookies
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        # self.slots bounds the requests, hence the connections (one request at a time
+        # on each); the platforms authenticate every call by token, key or Basic auth,
+        # so no cookies are kept
+        self.client = H1Client(cfg.timeout, {"User-Agent": "mailpipe"})
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.client.close()
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -179,13 +171,12 @@ class Transport:
         :class:`~pipeline.errors.DeliveryError` (``transient``), or
         :class:`~pipeline.errors.DeliveryStopped` when no connection could be made.
         """
-        target = URL(url, encoded=True)
         attempt = 1
         # the policy's loop (RetryPolicy.acall) written out: no closures per request, and
         # the message's name of the URL only made when something went wrong
         while True:
             try:
-                return await self._attempt(method, target, url, shown, headers, data, follow_up)
+                return await self._attempt(method, url, shown, headers, data, follow_up)
             except _Retry as e:
                 if attempt >= self.policy.attempts:
                     raise self._gave_up(e) from None
@@ -197,7 +188,6 @@ class Transport:
     async def _attempt(
         self,
         method: str,
-        target: URL,
         url: str,
         shown: str | None,
         headers: Mapping[str, str] | None,
@@ -209,14 +199,12 @@ class Transport:
         try:
             await self.limiter.wait()
             try:
-                async with self.session.request(
-                    method, target, headers=headers, data=data, allow_redirects=False
-                ) as resp:
-                    answer = Response(resp.status, resp.headers, await resp.read())
-            except aiohttp.ClientConnectorError as e:
+                reply = await self.client.request(method, url, headers, data)
+                answer = Response(reply.status, reply.headers, reply.body)
+            except ConnectFailed as e:
                 raise _Retry(
                     f"cannot connect for {self._name(method, url, shown)} "
-                    f"({type(e).__name__}: {e.os_error})",
+                    f"({type(e.os_error).__name__}: {e.os_error})",
                     code="connect",
                     retry_after=None,
                 ) from None
@@ -226,9 +214,9 @@ class Transport:
                     code="timeout",
                     retry_after=None,
                 ) from None
-            except (aiohttp.ClientError, ConnectionError) as e:
+            except ConnectionError as e:
                 raise _Retry(
-                    f"{type(e).__name__} during {self._name(method, url, shown)}",
+                    f"{self._name(method, url, shown)}: {e or type(e).__name__}",
                     code="connection",
                     retry_after=None,
                 ) from None
