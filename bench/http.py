@@ -50,7 +50,13 @@ CLIENT_ENV = {
 }
 
 sys.path.insert(0, str(BENCH))
-from run import FREED_INODES_AGE_S, compiled_sources, ensure_orders, ensure_store  # noqa: E402
+from run import (  # noqa: E402
+    FREED_INODES_AGE_S,
+    SETTLE_S,
+    compiled_sources,
+    ensure_orders,
+    ensure_store,
+)
 
 
 def free_port() -> int:
@@ -81,6 +87,13 @@ def mailpipe(args: list[str], env: dict[str, str], name: str) -> float:
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return wall
+
+
+def settle() -> None:
+    """Write back what was written and let the virtual disk absorb it (see ``SETTLE_S`` in
+    run.py): a run started right after another's writes pays for them too."""
+    os.sync()
+    time.sleep(SETTLE_S)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -136,7 +149,7 @@ def bench_job(job: str, orders: Path, store: Path, profile: bool) -> dict[str, A
     stores = {n: work / f"{n}.db" for n in ("simulate", "sandbox", "client")}
     for path in stores.values():
         shutil.copy(store, path)
-    os.sync()  # the copies written back before anything is measured
+    settle()  # the copies written back before anything is measured
     base = {"MAILPIPE_SOURCES_ORDERS_PATH": str(orders)}
 
     sim_out = work / "simulate-runs"
@@ -151,6 +164,7 @@ def bench_job(job: str, orders: Path, store: Path, profile: bool) -> dict[str, A
     sim_dir = run_dir(sim_out)
     n, sim_deliver = deliver_rate(sim_dir, job)
 
+    settle()  # the simulate run's writes are its own cost, not the http run's
     port = free_port()
     box_env = {**os.environ, **base, "MAILPIPE_STORE_URL": f"sqlite:///{stores['sandbox']}"}
     box_args = ["sandbox", "--config", CONFIG, "--port", str(port)]
