@@ -155,7 +155,7 @@ class OnDemandSender:
         now = now_iso()
         ev = _events(events)
         return BatchAnswer(
-            response_file(resp),
+            resp.body,  # read above as the documented JSON: the response file as it came
             {
                 "status": ["completed" if r == "SUCCESS" else "failed" for r, _, _ in answers],
                 "result": [r for r, _, _ in answers],
