@@ -205,6 +205,26 @@ def test_an_answer_cut_off_midway_is_a_connection_error() -> None:
     assert "mid-answer" in asyncio.run(go())
 
 
+def test_an_answer_cut_short_of_its_length_is_an_error_even_with_connection_close() -> None:
+    async def go() -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\npart")
+            await writer.drain()
+            writer.close()
+
+        srv = RawServer(lambda n, _: None)
+        srv.handle = handle  # type: ignore[method-assign]
+        async with srv as base:
+            client = H1Client(5.0)
+            with pytest.raises(ConnectionError) as caught:
+                await client.request("GET", f"{base}/")
+            await client.close()
+        return str(caught.value)
+
+    assert "mid-answer" in asyncio.run(go())
+
+
 def test_a_slow_answer_times_out_and_its_connection_is_not_reused() -> None:
     async def go() -> tuple[int, int, bytes]:
         slow = asyncio.Event()

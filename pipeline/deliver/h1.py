@@ -102,6 +102,7 @@ class Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._started = False  # a byte of the current answer has arrived
         self._complete_headers = False
+        self._until_close = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -124,7 +125,7 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._complete_headers and not self.parser.should_keep_alive():
+        if self._complete_headers and self._until_close:
             # an answer without a length ends where the connection does
             self.on_message_complete()
         elif not self._started:
@@ -138,6 +139,13 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._complete_headers = True
+        # neither a length nor chunks: the body is what arrives until the server closes
+        # (an answer cut short despite its length is an error, not a shorter body)
+        self._until_close = not any(
+            name.lower() == "content-length"
+            or (name.lower() == "transfer-encoding" and "chunked" in value.lower())
+            for name, value in self._headers
+        )
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -157,7 +165,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None and self._waiter is None
         self._waiter = asyncio.get_running_loop().create_future()
         self._headers, self._body = [], []
-        self._started = self._complete_headers = False
+        self._started = self._complete_headers = self._until_close = False
         self.transport.write(request)
         if body:
             self.transport.write(body)
