@@ -131,15 +131,17 @@ def test_connection_close_and_a_body_read_until_close_open_a_new_connection() ->
             return ok(b"first", b"Connection: close\r\n")
         return b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"
 
-    async def go() -> tuple[list[bytes], int]:
+    async def go() -> tuple[list[bytes], int, int]:
         srv = RawServer(answer)
         async with srv as base:
             client = H1Client(5.0)
             bodies = [(await client.request("GET", f"{base}/")).body for _ in range(3)]
+            await asyncio.sleep(0.05)
+            held = client.connections  # the closed ones are let go
             await client.close()
-        return bodies, srv.connections
+        return bodies, srv.connections, held
 
-    assert asyncio.run(go()) == ([b"first", b"until the end", b"until the end"], 3)
+    assert asyncio.run(go()) == ([b"first", b"until the end", b"until the end"], 3, 0)
 
 
 def test_a_get_on_a_kept_alive_connection_closed_unanswered_is_sent_once_more() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -103,6 +103,7 @@ class Connection(asyncio.Protocol):
         self._started = False  # a byte of the current answer has arrived
         self._complete_headers = False
         self._until_close = False
+        self.gone: Callable[[Connection], None] | None = None  # told when the connection ends
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,6 +123,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.gone is not None:
+            self.gone(self)
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -282,10 +285,16 @@ class H1Client:
         except OSError as e:  # ssl.SSLError and CertificateError among them
             raise ConnectFailed(origin.name, e) from None
         self._open.add(conn)
+        conn.gone = self._open.discard  # closed by either side: no longer held
         return conn
 
+    @property
+    def connections(self) -> int:
+        """Connections open now (in use or idle)."""
+        return len(self._open)
+
     async def close(self) -> None:
-        for conn in self._open:
+        for conn in list(self._open):
             conn.close()
         self._open.clear()
         self._idle.clear()
