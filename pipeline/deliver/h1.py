@@ -267,7 +267,6 @@ class H1Client:
             conn = idle.pop()
             if not conn.closed:
                 return conn
-            self._open.discard(conn)
         loop = asyncio.get_running_loop()
         tls = None
         if origin.scheme == "https":
