@@ -389,25 +389,14 @@ class Store:
             f"{c} = excluded.{c}"
             for c in ("email", "state", "bounces", "suspended", "profile", "updated")
         )
-        stamp = now()
-        if dialect == "sqlite":
-            # the rows as one JSON parameter (orjson writes the dicts in C), unpacked by
-            # SQLite and inserted in key order (neighbouring index pages)
-            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            cur.execute(
-                f"INSERT INTO subscribers ({', '.join(cols)}) SELECT "
-                "value ->> 'list', value ->> 'email_key', value ->> 'email', value ->> 'state', "
-                "coalesce(value ->> 'bounces', 0), coalesce(value ->> 'suspended', 0), "
-                "coalesce(value ->> 'profile', '{}'), value ->> 'password_hash', ? "
-                "FROM json_each(?) ORDER BY 1, 2" + upsert,
-                (stamp, orjson.dumps(rows).decode()),
-            )
-            return
         sql = (
             f"INSERT INTO subscribers ({', '.join(cols)}) VALUES "
             f"({', '.join([mark] * len(cols))})" + upsert
         )
-        # plain tuples through the driver, in key order (neighbouring index pages)
+        stamp = now()
+        # plain tuples through the driver, in key order (neighbouring index pages); on
+        # SQLite 7.5 against 11.1 µs a row for the rows as one JSON array unpacked by
+        # json_each (20,000 new subscribers at a time into the benchmark's 1M-row store)
         params = sorted(
             (
                 (
@@ -425,6 +414,10 @@ class Store:
             ),
             key=lambda t: t[1],
         )
+        if dialect == "sqlite":
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cur.executemany(sql, params)
+            return
         conn.exec_driver_sql(sql, params)
 
     def suppressed_mask(self, conn: Connection, keys: list[str]) -> np.ndarray:
