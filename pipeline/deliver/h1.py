@@ -102,7 +102,6 @@ class Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._started = False  # a byte of the current answer has arrived
         self._complete_headers = False
-        self._until_close = False
         self.gone: Callable[[Connection], None] | None = None  # told when the connection ends
 
     # asyncio.Protocol
@@ -128,8 +127,9 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._complete_headers and self._until_close:
-            # an answer without a length ends where the connection does
+        if self._complete_headers and not _length_given(self._headers):
+            # an answer without a length ends where the connection does (one cut short
+            # despite its length is an error, not a shorter body)
             self.on_message_complete()
         elif not self._started:
             self._fail(_Unanswered("the server closed the connection before answering"))
@@ -142,13 +142,6 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._complete_headers = True
-        # neither a length nor chunks: the body is what arrives until the server closes
-        # (an answer cut short despite its length is an error, not a shorter body)
-        self._until_close = not any(
-            name.lower() == "content-length"
-            or (name.lower() == "transfer-encoding" and "chunked" in value.lower())
-            for name, value in self._headers
-        )
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -168,7 +161,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None and self._waiter is None
         self._waiter = asyncio.get_running_loop().create_future()
         self._headers, self._body = [], []
-        self._started = self._complete_headers = self._until_close = False
+        self._started = self._complete_headers = False
         self.transport.write(request)
         if body:
             self.transport.write(body)
@@ -298,6 +291,15 @@ class H1Client:
         self._open.clear()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports' close callbacks run
+
+
+def _length_given(headers: list[tuple[str, str]]) -> bool:
+    """Whether an answer says where its body ends (a length, or chunks)."""
+    return any(
+        name.lower() == "content-length"
+        or (name.lower() == "transfer-encoding" and "chunked" in value.lower())
+        for name, value in headers
+    )
 
 
 def _header_block(headers: Mapping[str, str]) -> bytes:

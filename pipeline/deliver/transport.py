@@ -22,12 +22,11 @@ import asyncio
 import collections
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from pipeline.config import HttpConfig
-from pipeline.deliver.h1 import ConnectFailed, H1Client
+from pipeline.deliver.h1 import ConnectFailed, H1Client, Reply
 from pipeline.errors import DeliveryError, DeliveryStopped
 from pipeline.payloads.base import REDACTED
 from pipeline.retry import RetryPolicy, retrying_event
@@ -38,11 +37,7 @@ __all__ = ["Response", "Transport", "truncate"]
 BODY_IN_MESSAGE = 500  # bytes of an unexpected body quoted in a message
 
 
-@dataclass
-class Response:
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
+Response = Reply  # what came back: status, headers (case-insensitive), body
 
 
 class _Retry(DeliveryError):
@@ -199,8 +194,7 @@ class Transport:
         try:
             await self.limiter.wait()
             try:
-                reply = await self.client.request(method, url, headers, data)
-                answer = Response(reply.status, reply.headers, reply.body)
+                answer = await self.client.request(method, url, headers, data)
             except ConnectFailed as e:
                 raise _Retry(
                     f"cannot connect for {self._name(method, url, shown)} "
