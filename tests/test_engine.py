@@ -1144,6 +1144,20 @@ def test_yesmail_409_not_a_member_stores_nothing(store: Store) -> None:
     assert ym(store, "jerry.garcia@yesmail.com")[1] == {"Banjo Lovers"}
 
 
+def test_yesmail_a_new_subscriber_without_id_outranks_an_earlier_409(store: Store) -> None:
+    """The request is refused whole for a new subscriber without id and email (400) even
+    when a recipient before it is not a member (409): the 400 is about the request."""
+    member_of = {"isMemberOf": ["Banjo Lovers"]}
+    stranger = {"email": "stranger@example.com", "id": "s", "subscriptions": member_of}
+    no_id = {"email": "no.id@example.com"}
+    a = send(store, [stranger, no_id], transactional=False)
+    assert a.status is YesmailStatus.BAD_REQUEST
+    assert a.body["message"] == "A new subscriber requires both id and email"
+    # without the one lacking an id, the same request is the 409
+    assert send(store, [stranger], transactional=False).status is YesmailStatus.CONFLICT
+    assert ym(store, "stranger@example.com") == (None, set())
+
+
 def test_yesmail_remove_before_add(store: Store) -> None:
     ym_seed(store, "a@example.com", {"X", "Y"})
     subs = {"remove": ["X"], "add": ["X"]}

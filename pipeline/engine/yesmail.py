@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from pipeline.emails import check_emails
 from pipeline.errors import TicketState, YesmailStatus
-from pipeline.store import Store, email_key, ym_subscribers, ym_subscriptions
+from pipeline.store import Store, ym_subscribers, ym_subscriptions
 
 __all__ = ["SendAnswer", "evaluate_send", "evaluate_sends", "ticket_document"]
 
@@ -122,17 +122,8 @@ def evaluate_sends(
     ``until_refused``: stop after the first request refused (400/409), which is then
     the last answer, so that a caller can split it before the requests after it go.
     """
-    problems = _request_problems([body for body, _, _ in calls])
-    # each recipient's email key (None: given by id alone), for the well-formed requests
-    keys = [
-        None
-        if problem is not None
-        else [
-            email_key(e) if isinstance(e := r.get("email"), str) else None
-            for r in body["recipients"]
-        ]
-        for (body, _, _), problem in zip(calls, problems)
-    ]
+    # why each request is refused, or each recipient's email key (None: given by id alone)
+    problems, keys = _request_problems([body for body, _, _ in calls])
     answers: list[SendAnswer] = []
     with store.begin() as conn:
         state = _State(store, conn)
@@ -167,32 +158,37 @@ def _judge(
     # a recipient given by id alone is looked up by that id
     by_id = state.keys_by_id([r["id"] for r, k in zip(recipients, keys) if k is None])
     subs, divs = state.subs, state.divs
-    seen: set[str] = set()  # known for the recipients after it in this request
-    for r, k in zip(recipients, keys):
-        if k is None:
-            if r["id"] in by_id:
-                continue
-        elif k in seen or subs.get(k) is not None:
-            continue
-        if not (r.get("id") and r.get("email")):
-            return error(YesmailStatus.BAD_REQUEST, "A new subscriber requires both id and email")
-        if k:
-            seen.add(k)
     # the request's changes, applied to the state only once it is accepted; a Python loop
-    # per recipient: each is judged against the one before it (remove, add, isMemberOf)
-    staged: dict[str, tuple[_Sub, frozenset[str]]] = {}
+    # per recipient: each is judged against the ones before it (new or known; remove, add,
+    # isMemberOf). A new subscriber without id and email makes it a 400 wherever it is;
+    # otherwise the first recipient that is not a member makes it a 409
+    staged: dict[str, _Sub] = {}
+    staged_divs: dict[str, frozenset[str]] = {}
     outcomes: list[str] = []
+    conflict: SendAnswer | None = None
+    sub: _Sub | None
     for r, k in zip(recipients, keys):
-        key = k or by_id[r["id"]]
-        now = staged.get(key)
-        sub, member = now if now is not None else (subs.get(key), divs.get(key, _NONE))
+        if k is None:  # by id alone: known, or new without an email
+            key = by_id.get(r["id"])
+            if key is None:
+                return error(YesmailStatus.BAD_REQUEST, _NEW_NEEDS_BOTH)
+        else:
+            key = k
+        sub = staged.get(key)
+        if sub is not None:  # a recipient before it in this request
+            member = staged_divs[key]
+        else:
+            sub = subs.get(key)
+            if sub is None and not r.get("id"):  # new, with an email (k) but no id
+                return error(YesmailStatus.BAD_REQUEST, _NEW_NEEDS_BOTH)
+            member = divs.get(key, _NONE)
         wants = r.get("subscriptions")
         if wants:
             status, changed = _apply_subscriptions(wants, sub[2] if sub else None, set(member))
             wanted = wants.get("isMemberOf")
-            if not transactional and wanted and not changed & set(wanted):
-                # the whole request fails at once; nothing of it has been stored
-                return error(
+            if not transactional and wanted and not changed & set(wanted) and conflict is None:
+                # the whole request fails; nothing of it is stored
+                conflict = error(
                     YesmailStatus.CONFLICT,
                     f"Subscriber must be a memberOf one of '[{', '.join(wanted)}]'.",
                 )
@@ -209,21 +205,23 @@ def _judge(
                 merged.update(item)
             attrs = orjson.dumps(merged).decode()
         staged[key] = (
-            (
-                r.get("id") or (sub[0] if sub else None),
-                r.get("email") or (sub[1] if sub else key),
-                status,
-                attrs,
-            ),
-            member,
+            r.get("id") or (sub[0] if sub else None),
+            r.get("email") or (sub[1] if sub else key),
+            status,
+            attrs,
         )
-    state.apply(staged)
+        staged_divs[key] = member
+    if conflict is not None:
+        return conflict
+    state.apply(staged, staged_divs)
     return _accepted(recipients, outcomes, user, ref, api_base)
 
 
+_NEW_NEEDS_BOTH = "A new subscriber requires both id and email"
 _Sub = tuple[str | None, str, str, str]  # a Yesmail subscriber: id, email, status, attrs
 _Row = tuple[str, str | None, str, str, str]  # email_key and the subscriber
 _NONE: frozenset[str] = frozenset()
+_ABSENT: tuple[_Sub | None, frozenset[str]] = (None, _NONE)
 
 
 class _State:
@@ -241,18 +239,22 @@ class _State:
         self.sqlite = conn.dialect.name == "sqlite"
         self.subs: dict[str, _Sub] = {}
         self.divs: dict[str, frozenset[str]] = {}
+        self.read: set[str] = set()  # keys read (or written) once
+        # as stored, for the keys read that the store has (others: _ABSENT)
         self.stored: dict[str, tuple[_Sub | None, frozenset[str]]] = {}
         self.dirty: set[str] = set()
 
     def load(self, keys: Iterable[str]) -> None:
         """Read the subscribers and divisions of the keys not read yet."""
-        new = sorted(set(keys).difference(self.stored))
+        new = set(keys).difference(self.read)
         if not new:
             return
-        subs, divs = _read_sqlite(self.conn, new) if self.sqlite else self._read(new)
+        self.read.update(new)
+        ordered = sorted(new)
+        subs, divs = _read_sqlite(self.conn, ordered) if self.sqlite else self._read(ordered)
         self.subs.update(subs)
         self.divs.update(divs)
-        for k in new:
+        for k in subs.keys() | divs.keys():
             self.stored[k] = (subs.get(k), divs.get(k, _NONE))
 
     def _read(self, keys: list[str]) -> tuple[dict[str, _Sub], dict[str, frozenset[str]]]:
@@ -271,11 +273,11 @@ class _State:
         self.load(found.values())
         return found
 
-    def apply(self, changes: dict[str, tuple[_Sub, frozenset[str]]]) -> None:
-        for key, (sub, member) in changes.items():
-            self.subs[key] = sub
-            self.divs[key] = member
-        self.dirty.update(changes)
+    def apply(self, subs: dict[str, _Sub], divs: dict[str, frozenset[str]]) -> None:
+        """An accepted request's changes (the same keys in both)."""
+        self.subs.update(subs)
+        self.divs.update(divs)
+        self.dirty.update(subs)
 
     def flush(self) -> None:
         """Write the subscribers and divisions that differ from the store."""
@@ -284,7 +286,7 @@ class _State:
         divisions: dict[str, frozenset[str]] = {}
         for key in sorted(self.dirty):  # neighbouring index pages
             sub, member = self.subs[key], self.divs.get(key, _NONE)
-            was, was_member = self.stored[key]
+            was, was_member = self.stored.get(key, _ABSENT)
             if was is None:
                 new.append((key, *sub))
             elif sub != was:
@@ -373,10 +375,14 @@ def _write_any(
             conn.execute(ym_subscriptions.insert(), rows)
 
 
-def _request_problems(bodies: Sequence[Any]) -> list[str | None]:
-    """Why each request is a ``400 Bad Request``, or None; the emails of all of them
+def _request_problems(
+    bodies: Sequence[Any],
+) -> tuple[list[str | None], list[list[str | None] | None]]:
+    """Why each request is a ``400 Bad Request``, or None; and for each well-formed one
+    its recipients' email keys (None: given by id alone). The emails of all of them are
     checked by one :func:`check_emails` (its cost is mostly per call)."""
     problems = [_shape_problem(body) for body in bodies]
+    keys: list[list[str | None] | None] = [None] * len(bodies)
     emails = [
         r.get("email") if isinstance(r, dict) else None
         for body, problem in zip(bodies, problems)
@@ -384,7 +390,7 @@ def _request_problems(bodies: Sequence[Any]) -> list[str | None]:
         for r in body["recipients"]
     ]
     if not emails:
-        return problems
+        return problems, keys
     verdicts = check_emails(
         pa.array([e if isinstance(e, str) else None for e in emails], pa.string())
     ).codes.tolist()
@@ -392,9 +398,9 @@ def _request_problems(bodies: Sequence[Any]) -> list[str | None]:
     for i, body in enumerate(bodies):
         if problems[i] is None:
             n = len(body["recipients"])
-            problems[i] = _recipient_problem(body, verdicts[at : at + n])
+            problems[i], keys[i] = _recipient_problem(body, verdicts[at : at + n])
             at += n
-    return problems
+    return problems, keys
 
 
 def _shape_problem(body: Any) -> str | None:
@@ -414,40 +420,47 @@ def _shape_problem(body: Any) -> str | None:
     return None
 
 
-def _recipient_problem(body: dict[str, Any], verdicts: list[int]) -> str | None:
-    """The first recipient the request is refused for; ``verdicts`` their emails'
-    :func:`check_emails` codes (0: no problem). A Python loop per recipient: they are parsed JSON,
-    and most carry neither subscriptions nor anything but objects in userAttrs, so
-    those checks are skipped or done in C (``map``)."""
+def _recipient_problem(
+    body: dict[str, Any], verdicts: list[int]
+) -> tuple[str | None, list[str | None] | None]:
+    """The first recipient the request is refused for, or None and the recipients' email
+    keys; ``verdicts`` their emails' :func:`check_emails` codes (0: no problem). A Python
+    loop per recipient: they are parsed JSON, and most carry neither subscriptions nor
+    anything but objects in userAttrs, so those checks are skipped or done in C
+    (``map``)."""
     need_id = bool(body.get("updateProfile"))
+    keys: list[str | None] = []
     for i, r in enumerate(body["recipients"]):
         if not isinstance(r, dict):
-            return f"recipients[{i}] must be an object"
+            return f"recipients[{i}] must be an object", None
         email, rid = r.get("email"), r.get("id")
         if email is None and rid is None:
-            return f"recipients[{i}]: one of id or email must be specified"
+            return f"recipients[{i}]: one of id or email must be specified", None
         if rid is not None and not isinstance(rid, str):
-            return f"recipients[{i}]: id must be a string"
-        if email is not None:
-            if not isinstance(email, str) or verdicts[i]:
-                return f"recipients[{i}]: invalid email address"
-            if email != email.lower():
-                return f"recipients[{i}]: subscriber email address is mixed case"
+            return f"recipients[{i}]: id must be a string", None
+        if email is None:
+            keys.append(None)
+        elif not isinstance(email, str) or verdicts[i]:
+            return f"recipients[{i}]: invalid email address", None
+        elif email != email.lower():
+            return f"recipients[{i}]: subscriber email address is mixed case", None
+        else:
+            keys.append(email.strip())  # its email_key: it is lower case already
         if need_id and not rid:
-            return f"recipients[{i}]: id is required when updateProfile is true"
+            return f"recipients[{i}]: id is required when updateProfile is true", None
         subs = r.get("subscriptions")
         if subs:  # an empty or missing one asks for nothing
             problem = _subscriptions_problem(subs)
             if problem is not None:
-                return f"recipients[{i}]: {problem}"
+                return f"recipients[{i}]: {problem}", None
         profile = r.get("profile")
         if profile is not None:
             attrs = profile.get("userAttrs") if isinstance(profile, dict) else None
             if not isinstance(profile, dict) or not (
                 attrs is None or (isinstance(attrs, list) and all(map(isinstance, attrs, _DICT)))
             ):
-                return f"recipients[{i}]: profile.userAttrs must be an array of objects"
-    return None
+                return f"recipients[{i}]: profile.userAttrs must be an array of objects", None
+    return None, keys
 
 
 _DICT = itertools.repeat(dict)  # isinstance's second argument, for map
