@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -837,6 +838,56 @@ def test_the_sandbox_store_is_checkpointed_by_a_thread_not_by_commits(tmp_path: 
     finally:
         checkpointer.stop()
         store.close()
+
+
+def test_a_yesmail_request_is_answered_once_what_it_changed_is_committed(
+    setup: Setup, sandbox: Any
+) -> None:
+    """The sandbox commits a request's changes (on a thread) before it answers 202: another
+    connection to the store file sees them, and the next request is judged on them."""
+    from pipeline.store import sqlite_file
+
+    db = sqlite_file(sandbox.store.url)
+    assert db is not None
+
+    def post(body: dict[str, Any]) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            f"{sandbox.base}/v2/emails/send",
+            data=orjson.dumps(body),
+            headers={
+                "Api-User": sandbox.creds.api_user,
+                "Api-Key": sandbox.creds.api_key,
+                "Content-Type": "application/json",
+            },
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, orjson.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, orjson.loads(e.read())
+
+    def sent(recipient: dict[str, Any], transactional: bool) -> dict[str, Any]:
+        return {
+            "content": {"templateId": "1"},
+            "transactional": transactional,
+            "recipients": [recipient],
+        }
+
+    joins = {"email": "joins@example.com", "id": "J", "subscriptions": {"add": ["Banjo"]}}
+    assert post(sent(joins, True))[0] == 202
+    with sqlite3.connect(db) as other:  # a connection of its own: committed rows only
+        assert other.execute(
+            "SELECT y.id, s.division FROM ym_subscribers y JOIN ym_subscriptions s "
+            "USING (email_key) WHERE email_key = 'joins@example.com'"
+        ).fetchall() == [("J", "Banjo")]
+    member = {"email": "joins@example.com", "subscriptions": {"isMemberOf": ["Banjo"]}}
+    assert post(sent(member, False))[0] == 202
+    stranger = {**member, "email": "stranger@example.com", "id": "S"}
+    assert post(sent(stranger, False)) == (
+        409,
+        {"status": 409, "message": "Subscriber must be a memberOf one of '[Banjo]'."},
+    )
 
 
 def test_an_http_rerun_in_chunks_sends_nothing_again(setup: Setup, sandbox: Any) -> None:
