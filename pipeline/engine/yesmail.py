@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from pipeline.emails import check_emails
 from pipeline.errors import TicketState, YesmailStatus
-from pipeline.store import Store, ym_subscribers, ym_subscriptions
+from pipeline.store import Store, email_key, ym_subscribers, ym_subscriptions
 
 __all__ = ["SendAnswer", "evaluate_send", "evaluate_sends", "ticket_document"]
 
@@ -445,7 +445,7 @@ def _recipient_problem(
         elif email != email.lower():
             return f"recipients[{i}]: subscriber email address is mixed case", None
         else:
-            keys.append(email.strip())  # its email_key: it is lower case already
+            keys.append(email_key(email))
         if need_id and not rid:
             return f"recipients[{i}]: id is required when updateProfile is true", None
         subs = r.get("subscriptions")
