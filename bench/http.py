@@ -54,10 +54,10 @@ CLIENT_ENV = {
 sys.path.insert(0, str(BENCH))
 from run import (  # noqa: E402
     FREED_INODES_AGE_S,
-    SETTLE_S,
     compiled_sources,
     ensure_orders,
     ensure_store,
+    quiet,
 )
 
 
@@ -89,13 +89,6 @@ def mailpipe(args: list[str], env: dict[str, str], name: str) -> float:
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return wall
-
-
-def settle() -> None:
-    """Write back what was written and let the virtual disk absorb it (see ``SETTLE_S`` in
-    run.py): a run started right after another's writes pays for them too."""
-    os.sync()
-    time.sleep(SETTLE_S)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -152,7 +145,7 @@ def bench_job(
     work.mkdir(parents=True)
     sim_store = work / "simulate.db"
     shutil.copy(store, sim_store)
-    settle()  # the copy written back before anything is measured
+    quiet()  # the copy written back before anything is measured
     base = {"MAILPIPE_SOURCES_ORDERS_PATH": str(orders)}
 
     sim_out = work / "simulate-runs"
@@ -207,7 +200,7 @@ def http_once(
     stores = {n: work / f"{n}.db" for n in ("sandbox", "client")}
     for path in stores.values():
         shutil.copy(store, path)
-    settle()  # the copies and the run before are their own cost, not this run's
+    quiet()  # the copies and the run before are their own cost, not this run's
     port = free_port()
     box_env = {**os.environ, **base, "MAILPIPE_STORE_URL": f"sqlite:///{stores['sandbox']}"}
     box_args = ["sandbox", "--config", CONFIG, "--port", str(port)]
