@@ -27,14 +27,18 @@ import sqlite3
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pipeline.arrowutil import json_escape
 from pipeline.errors import ConfigError, MailpipeError
 
 __all__ = [
@@ -54,6 +58,18 @@ SUBSCRIBER_STATES = ("subscribed", "pending", "unsubscribed", "bounced")
 _IN_CHUNK = 900
 _MAX_BOUNCES = 1 << 24  # a lookup reports bounce counts up to this
 _PBKDF2_ROUNDS = 100_000
+# the columns of a subscriber as the bulk writes give them
+_PUT_COLUMNS = (
+    "list",
+    "email_key",
+    "email",
+    "state",
+    "bounces",
+    "suspended",
+    "profile",
+    "password_hash",
+    "updated",
+)
 
 metadata = sa.MetaData()
 
@@ -312,10 +328,15 @@ class Store:
         if not n:
             return state, bounces, suspended
         dialect = self.engine.dialect.name
-        # sorted keys: neighbouring probes share index pages (a third faster on SQLite)
-        order = sorted(range(n), key=keys.__getitem__)
-        ordered = [keys[i] for i in order]
         if dialect == "sqlite":
+            # sorted keys: neighbouring probes share index pages (a third faster on
+            # SQLite); sorted and written as one JSON array by Arrow's kernels, which
+            # let go of the GIL (Python's sort of 73,000 keys held it for ~40 ms)
+            col = pa.array(keys, pa.string())
+            order = pc.sort_indices(col).to_numpy()
+            literals = pc.binary_join_element_wise('"', json_escape(col.take(order)), '"', "")
+            whole = pa.ListArray.from_arrays(pa.array([0, n], pa.int32()), literals)
+            text = pc.binary_join(whole, ",")[0]
             # CROSS JOIN keeps the keys the outer loop, each one probe of the narrow index;
             # the answer is one JSON array of integers, one a known key: its position in
             # the array, its state's number, suspended and bounces packed above it
@@ -327,17 +348,20 @@ class Store:
                 f"+ 8 * (s.suspended != 0) + 16 * min(s.bounces, {_MAX_BOUNCES}))) "
                 "FROM json_each(?) j CROSS JOIN subscribers s INDEXED BY subscribers_state "
                 "ON s.list = ? AND s.email_key = j.value",
-                (orjson.dumps(ordered).decode(), list_name),
+                ("[" + text.as_py() + "]", list_name),
             ).fetchone()
             got = np.array(orjson.loads(packed), dtype=np.int64)
             if got.size:
-                where = np.array(order, dtype=np.int64)[got & 0xFFFFFFFF]
+                where = order[got & 0xFFFFFFFF]
                 high = got >> 32
                 named = np.array([*SUBSCRIBER_STATES, "other"], dtype=object)
                 state[where] = named[high & 7]
                 suspended[where] = (high & 8) != 0
                 bounces[where] = high >> 4
             return state, bounces, suspended
+        # sorted keys: neighbouring probes share index pages
+        order = sorted(range(n), key=keys.__getitem__)
+        ordered = [keys[i] for i in order]
         rows: Sequence[Sequence[Any]]
         if dialect == "postgresql":
             rows = conn.exec_driver_sql(
@@ -364,41 +388,13 @@ class Store:
     def put_subscribers(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert subscribers, replacing state and profile of those already there.
 
-        The engine's bulk write (one statement for all rows); imports go through
+        A bulk write (one statement for all rows); imports go through
         :meth:`upsert_subscribers`, which counts what changed.
         """
-        if not rows:
-            return
-        dialect = self.engine.dialect.name
-        if dialect not in ("sqlite", "postgresql"):
-            self.upsert_subscribers(conn, rows)
-            return
-        mark = "?" if dialect == "sqlite" else "%s"
-        cols = (
-            "list",
-            "email_key",
-            "email",
-            "state",
-            "bounces",
-            "suspended",
-            "profile",
-            "password_hash",
-            "updated",
-        )
-        upsert = " ON CONFLICT (list, email_key) DO UPDATE SET " + ", ".join(
-            f"{c} = excluded.{c}"
-            for c in ("email", "state", "bounces", "suspended", "profile", "updated")
-        )
-        sql = (
-            f"INSERT INTO subscribers ({', '.join(cols)}) VALUES "
-            f"({', '.join([mark] * len(cols))})" + upsert
-        )
         stamp = now()
-        # plain tuples through the driver, in key order (neighbouring index pages); on
-        # SQLite 7.5 against 11.1 µs a row for the rows as one JSON array unpacked by
-        # json_each (20,000 new subscribers at a time into the benchmark's 1M-row store)
-        params = sorted(
-            (
+        self._put_subscribers(
+            conn,
+            [
                 (
                     r["list"],
                     r["email_key"],
@@ -411,9 +407,49 @@ class Store:
                     stamp,
                 )
                 for r in rows
-            ),
-            key=lambda t: t[1],
+            ],
         )
+
+    def add_subscribers(
+        self,
+        conn: Connection,
+        list_name: str,
+        keys: Sequence[str],
+        emails: Sequence[str | None],
+        profiles: Sequence[str],
+    ) -> None:
+        """New subscribers of one list (subscribed, no bounces, not suspended), given as
+        columns: the on-demand engine's bulk write, without a dict a row."""
+        stamp = now()
+        self._put_subscribers(
+            conn,
+            [
+                (list_name, k, e, "subscribed", 0, False, p, None, stamp)
+                for k, e, p in zip(keys, emails, profiles, strict=True)
+            ],
+        )
+
+    def _put_subscribers(self, conn: Connection, params: list[tuple[Any, ...]]) -> None:
+        """Upsert rows of :data:`_PUT_COLUMNS` in one statement."""
+        if not params:
+            return
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            self.upsert_subscribers(conn, [dict(zip(_PUT_COLUMNS, p, strict=True)) for p in params])
+            return
+        mark = "?" if dialect == "sqlite" else "%s"
+        upsert = " ON CONFLICT (list, email_key) DO UPDATE SET " + ", ".join(
+            f"{c} = excluded.{c}"
+            for c in ("email", "state", "bounces", "suspended", "profile", "updated")
+        )
+        sql = (
+            f"INSERT INTO subscribers ({', '.join(_PUT_COLUMNS)}) VALUES "
+            f"({', '.join([mark] * len(_PUT_COLUMNS))})" + upsert
+        )
+        # plain tuples through the driver, in key order (neighbouring index pages); on
+        # SQLite 7.5 against 11.1 µs a row for the rows as one JSON array unpacked by
+        # json_each (20,000 new subscribers at a time into the benchmark's 1M-row store)
+        params.sort(key=itemgetter(1))
         if dialect == "sqlite":
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             cur.executemany(sql, params)

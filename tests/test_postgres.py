@@ -208,7 +208,8 @@ def test_the_engine_lookup_places_each_answer_at_its_key(
     pg_url: str,  # noqa: F811
 ) -> None:
     """Store.states answers in the keys' order, on both databases: unknown keys None,
-    and a stored state, bounce count and suspension exactly as written."""
+    and a stored state, bounce count and suspension exactly as written — keys that
+    JSON must escape or that are not ASCII included, and a key asked twice."""
     from pipeline.store import Store, email_key
 
     store = Store(pg_url if backend == "postgresql" else f"sqlite:///{tmp_path}/s.db")
@@ -217,6 +218,8 @@ def test_the_engine_lookup_places_each_answer_at_its_key(
         "a@x.example": ("unsubscribed", 3, False),
         "d@x.example": ("bounced", 70000, True),
         "c@x.example": ("pending", 0, True),
+        'q"uote\\back@x.example': ("subscribed", 1, False),
+        "jürgen@bücher.example": ("pending", 2, False),
     }
     with store.begin() as conn:
         store.put_subscribers(
@@ -246,10 +249,13 @@ def test_the_engine_lookup_places_each_answer_at_its_key(
     asked = [
         "z@x.example",
         "d@x.example",
+        "jürgen@bücher.example",
         "nobody@x.example",
         "a@x.example",
+        'q"uote\\back@x.example',
         "c@x.example",
         "b@x.example",
+        "d@x.example",
     ]
     with store.begin() as conn:
         state, bounces, suspended = store.states(conn, "l", asked)
@@ -259,9 +265,12 @@ def test_the_engine_lookup_places_each_answer_at_its_key(
     assert got == [
         None,
         known["d@x.example"],
+        known["jürgen@bücher.example"],
         None,
         known["a@x.example"],
+        known['q"uote\\back@x.example'],
         known["c@x.example"],
         known["b@x.example"],
+        known["d@x.example"],
     ]
     store.close()

@@ -356,21 +356,9 @@ def _add(
             col = pc.coalesce(col, pa.scalar(spec.default, col.type))
         members.append(json_member(name, col, None))
     profiles = json_object(members, rows.size).to_pylist()
-    at = idx[rows]
-    store.put_subscribers(
-        conn,
-        [
-            {
-                "list": plan.list_name,
-                "email_key": keys[i],
-                "email": emails[i],
-                "state": "subscribed",
-                "bounces": 0,
-                "suspended": False,
-                "profile": p,
-            }
-            for i, p in zip(at.tolist(), profiles)
-        ],
+    at = idx[rows].tolist()
+    store.add_subscribers(
+        conn, plan.list_name, keys[at].tolist(), [emails[i] for i in at], profiles
     )
 
 
