@@ -23,7 +23,9 @@ from pipeline.arrowutil import scatter, to_bool_np, trim
 
 __all__ = ["INVALID", "MISSING", "EmailVerdict", "check_emails"]
 
-_ATEXT = r"A-Za-z0-9_!#$%&'*+/=?^`{|}~-"
+# the hyphen is escaped: last in this string it is followed by _LATIN in the class, and an
+# unescaped "~-\x{00C0}" is a range that lets DEL, C1 controls, NBSP and SOFT HYPHEN through
+_ATEXT = r"A-Za-z0-9_!#$%&'*+/=?^`{|}~\-"
 # precomposed Latin letters (Latin-1 Supplement, Extended-A and -B, without × and ÷): the
 # library accepts them in a local part (SMTPUTF8) and NFC leaves them as they are
 _LATIN = r"\x{00C0}-\x{00D6}\x{00D8}-\x{00F6}\x{00F8}-\x{024F}"
@@ -63,6 +65,22 @@ def _lower_domain(col: pa.Array) -> pa.Array:
     return pc.replace_with_mask(col, upper, fixed)
 
 
+def _lower_all(col: pa.Array, fast: np.ndarray) -> pa.Array:
+    """The whole address lower-cased by ``str.lower``, the rule of the slow path and of the
+    store's keys (``engine.ondemand._store_keys``). Arrow's ``utf8_lower`` differs on a few
+    letters (İ → "i" where Python gives "i̇"; no final sigma), so Arrow only lowers ASCII
+    (``ascii_lower``) and Python the non-ASCII rows the fast path keeps (the slow path
+    replaces the others anyway)."""
+    low = pc.ascii_lower(col)
+    other = np.flatnonzero(fast & ~to_bool_np(pc.string_is_ascii(col), True))
+    if other.size == 0:
+        return low
+    mask = np.zeros(len(col), dtype=bool)
+    mask[other] = True
+    fixed = [s.lower() for s in col.take(pa.array(other)).to_pylist()]
+    return pc.replace_with_mask(low, pa.array(mask), pa.array(fixed, pa.string()))
+
+
 def check_emails(col: pa.Array, lowercase_all: bool = False) -> EmailVerdict:
     """Clean and validate a column of addresses.
 
@@ -82,7 +100,7 @@ def check_emails(col: pa.Array, lowercase_all: bool = False) -> EmailVerdict:
     )
     fast_np = to_bool_np(fast)
     missing_np = to_bool_np(missing, True)
-    cleaned = pc.utf8_lower(trimmed) if lowercase_all else _lower_domain(trimmed)
+    cleaned = _lower_all(trimmed, fast_np) if lowercase_all else _lower_domain(trimmed)
     email_out = pc.if_else(fast, cleaned, trimmed)
     slow = np.flatnonzero(~fast_np & ~missing_np)
     codes = missing_np.astype(np.int8)  # MISSING where missing
