@@ -133,6 +133,16 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
+def wants_progress(log_json: bool = False) -> bool:
+    """Whether to draw progress bars: only when stdout and stderr are both terminals.
+
+    The bars go to stderr, but stdout decides too: `mailpipe run --json > out.json`
+    or `| jq` on a terminal is a script reading the output, and cron captures
+    both. With `--log-json` stderr carries JSON lines, which bars would break.
+    """
+    return not log_json and sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _load(config_path: str, mode: str | None = None) -> MailpipeConfig:
     cfg = load_config(config_path)
     if mode:
@@ -234,7 +244,7 @@ def run(
     cfg = _load(config_path, mode)
     _check_resend(cfg, resend)
     options = RunOptions(resend=resend, in_doubt=in_doubt)
-    with progress_display(sys.stderr.isatty() and not log_json) as progress:
+    with progress_display(wants_progress(log_json)) as progress:
         outcome = run_pipeline(
             cfg, jobs or None, inputs, out, until=until, progress=progress, options=options
         )
@@ -318,7 +328,7 @@ def backfill(
     if window[0] >= window[1]:
         raise ConfigError("--until", "must be later than --since")
     options = RunOptions(in_doubt=in_doubt, window=window, dry_run=dry_run, rate=rate)
-    with progress_display(sys.stderr.isatty() and not log_json) as progress:
+    with progress_display(wants_progress(log_json)) as progress:
         outcome = run_pipeline(cfg, [job], inputs, out, progress=progress, options=options)
     _finish(outcome, as_json)
 
@@ -396,7 +406,7 @@ def watch(
         if report.run_dir:
             click.echo(f"run directory: {report.run_dir}")
 
-    with progress_display(sys.stderr.isatty() and not log_json) as progress:
+    with progress_display(wants_progress(log_json)) as progress:
         code = watch_dir(
             cfg,
             drop_dir,
@@ -459,7 +469,7 @@ def _stage_command(stage: str) -> None:
             cfg = cfg.model_copy(
                 update={"delivery": cfg.delivery.model_copy(update={"mode": mode})}
             )
-        with progress_display(sys.stderr.isatty() and not log_json) as progress:
+        with progress_display(wants_progress(log_json)) as progress:
             run_stage(run_, cfg, stage, progress)
         if stage == "report":
             _finish(outcome_of(run_), as_json)
@@ -474,21 +484,43 @@ for _stage in STAGES:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary JSON instead.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the same counts as JSON (with the total)."
+)
 @handle_errors
 def results(run_dir: str, as_json: bool) -> None:
-    """Counts of RUN_DIR's results by job, status and code."""
-    outcome = outcome_of(RunDir(run_dir))
+    """Counts of RUN_DIR's results by job, status and code, with the total.
+
+    The code is the platform's own: Maestro's `result`, a subscribe failure's
+    `reason.type`, Yesmail's HTTP status with the ticket state (`202/completed`);
+    empty for a row without one (a duplicate in the same run). Exit code as
+    for the run: 1 when some row failed.
+    """
+    outcome = outcome_of(RunDir(run_dir))  # no summary.json: the report stage never ran
+    from pipeline.results import result_counts
+
+    rows = result_counts(outcome.run)
+    total = sum(r["rows"] for r in rows)
     if as_json:
-        click.echo(orjson.dumps(outcome.summary, option=orjson.OPT_INDENT_2).decode())
-        return
-    click.echo(f"{'job':<24} {'target':<18} {'status':<10} {'code':<40} {'rows':>8}")
-    for job, c in outcome.summary.get("jobs", {}).items():
-        for status, n in sorted(c.get("status", {}).items()):
-            click.echo(f"{job:<24} {c['target']:<18} {status:<10} {'':<40} {n:>8}")
-        for code, n in sorted(c.get("codes", {}).items()):
-            click.echo(f"{job:<24} {c['target']:<18} {'':<10} {code:<40} {n:>8}")
+        doc = {"run_dir": str(outcome.run.path), "counts": rows, "total": total}
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_counts(rows, total)
     sys.exit(outcome.exit_code)
+
+
+def _print_counts(rows: list[dict[str, Any]], total: int) -> None:
+    """The counts as an aligned table, one line per (job, status, code), then the total."""
+    head = ("job", "target", "status", "code", "rows")
+    cells = [(r["job"], r["target"], r["status"], r["code"] or "", str(r["rows"])) for r in rows]
+    foot = ("total", "", "", "", str(total))
+    widths = [max(len(c[i]) for c in [head, *cells, foot]) for i in range(len(head))]
+    for c in [head, *cells, foot]:
+        click.echo(
+            "  ".join(v.ljust(w) for v, w in zip(c[:-1], widths, strict=False))
+            + "  "
+            + c[-1].rjust(widths[-1])
+        )
 
 
 def _store(config_path: str) -> tuple[MailpipeConfig, Store]:

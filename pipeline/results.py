@@ -17,6 +17,7 @@ documented code, with the detail in ``message``.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +33,8 @@ from pipeline.arrowutil import scatter, to_bool_np
 from pipeline.build import join_items
 from pipeline.config import JobPlan
 from pipeline.deliver import OUTCOME_SCHEMA
-from pipeline.errors import MaestroResult, SubscribeFailure, YesmailStatus
+from pipeline.errors import MaestroResult, RunDirError, SubscribeFailure, YesmailStatus
+from pipeline.payloads.base import REDACTED
 from pipeline.payloads.jsonfrag import string_literal
 from pipeline.rundir import RunDir, now_iso
 
@@ -78,6 +80,39 @@ _ONDEMAND = {
     "invalid_email": MaestroResult.INVALID_EMAIL,
     "profile": MaestroResult.PROFILE_VALIDATION_ERROR,
 }
+
+
+def hide_password(raw: str, password: Any, column: str, unreadable: bool) -> str:
+    r"""A reject's raw text without the subscriber's password, which no result file shows.
+
+    A row that was read has its password value (replaced wherever it appears, as
+    written, JSON-escaped or CSV-quoted); a row that could not be read has none: in
+    a JSON line the value of the password's key is hidden, and a line whose fields
+    could not be told apart is not shown at all (its file, line and reason still are).
+
+    >>> hide_password('3,ann@example.com,"se""cret"', 'se"cret', "pw", False)
+    '3,ann@example.com,"***"'
+    >>> hide_password('{"pw": "s3cr\\"et", "email": 1', None, "pw", True)
+    '{"pw": "***", "email": 1'
+    >>> hide_password('3,ann@example.com,s3cret,extra', None, "pw", True)
+    '***'
+    """
+    if password is not None and str(password) != "":
+        text = str(password)
+        forms = {text, orjson.dumps(text).decode()[1:-1], text.replace('"', '""')}
+        for form in sorted(forms, key=len, reverse=True):
+            raw = raw.replace(form, REDACTED)
+        return raw
+    if not unreadable:
+        return raw  # read, and no password in it
+    if raw.lstrip().startswith("{"):
+        key = re.escape(orjson.dumps(column).decode())
+        return re.sub(
+            key + r'(\s*:\s*)(?:"(?:[^"\\]|\\.)*"?|[^,}\s]*)',
+            lambda m: f'{orjson.dumps(column).decode()}{m.group(1)}"{REDACTED}"',
+            raw,
+        )
+    return REDACTED
 
 
 def problem_outcome(
@@ -348,9 +383,18 @@ class ReportWriter:
             return
         picked = rows.filter(sel)
         res = table.filter(sel)
+        secret = plan.source.password  # the source column of a subscriber's password, if any
+        passwords = (
+            picked.column("password").to_pylist()
+            if secret and "password" in picked.column_names
+            else [None] * picked.num_rows
+        )
         for i, r in enumerate(
             picked.select(["_file", "_line", "_raw", "_field", "_problem", "_message"]).to_pylist()
         ):
+            raw = (r["_raw"] or "").rstrip("\r\n")
+            if secret:
+                raw = hide_password(raw, passwords[i], secret, r["_problem"] == "unreadable")
             code = res.column("result")[i].as_py() or res.column("http_status")[i].as_py()
             reason_obj = res.column("reason")[i].as_py()
             if reason_obj:
@@ -360,7 +404,7 @@ class ReportWriter:
                 "job": plan.name,
                 "source": self.paths[r["_file"]].as_py(),
                 "line": r["_line"],
-                "raw": (r["_raw"] or "").rstrip("\r\n"),
+                "raw": raw,
                 "field": r["_field"],
                 "reason": r["_message"] or _PROBLEM_TEXT.get(r["_problem"], r["_problem"]),
                 "code": str(code) if code is not None else None,
@@ -469,3 +513,162 @@ def jsonl_lines(
     offsets = np.frombuffer(line.buffers()[1], dtype=np.int32)
     lo, hi = int(offsets[line.offset]), int(offsets[line.offset + n])
     return memoryview(line.buffers()[2])[lo:hi].tobytes() if n else b""
+
+
+# -- counting a run's results (`mailpipe results`) ---------------------------------
+
+STATUS_ORDER = ("completed", "failed", "ignored")
+_COUNT_COLUMNS = ["job", "target", "status", "result", "reason", "http_status", "state"]
+
+
+def result_counts(run: RunDir) -> list[dict[str, Any]]:
+    """One entry per (job, target, status, code) of the run's results, in table order.
+
+    Job, then status (completed, failed, ignored), then most rows first. The
+    results are read a batch at a time and counted by Arrow's group-by: a run
+    can hold millions of rows, and only seven columns matter.
+    """
+    block = _JSON_BLOCK
+    while True:
+        try:
+            counts = _count(_result_batches(run, block))
+            break
+        except pa.ArrowInvalid as e:
+            # a results.jsonl line longer than a block: read again with blocks that hold it
+            if "straddl" in str(e) and block < _JSON_BLOCK_MAX:
+                block *= 16
+                continue
+            raise RunDirError(
+                f"{run.path}: the results cannot be read ({e}); "
+                f"run `mailpipe report {run.path}` to write them again"
+            ) from None
+    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+    ordered = sorted(
+        counts.items(),
+        key=lambda kv: (kv[0][0], rank.get(kv[0][2], len(rank)), kv[0][2], -kv[1], kv[0][3]),
+    )
+    return [
+        {"job": job, "target": target, "status": status, "code": code or None, "rows": n}
+        for (job, target, status, code), n in ordered
+    ]
+
+
+def _count(batches: Iterator[Any]) -> dict[tuple[str, str, str, str], int]:
+    """Rows by (job, target, status, code), summed over the batches' group-bys."""
+    counts: dict[tuple[str, str, str, str], int] = {}
+    for batch in batches:
+        table = pa.table(
+            {
+                "job": batch.column("job"),
+                "target": batch.column("target"),
+                "status": batch.column("status"),
+                "code": _codes(batch),
+            }
+        )
+        groups = table.group_by(["job", "target", "status", "code"]).aggregate([([], "count_all")])
+        for g in groups.to_pylist():
+            key = (g["job"], g["target"], g["status"], g["code"])
+            counts[key] = counts.get(key, 0) + g["count_all"]
+    return counts
+
+
+# Arrow's JSON reader needs a whole line in one block, and takes about 15 times a
+# block in memory: small blocks, made larger only when a line does not fit
+_JSON_BLOCK, _JSON_BLOCK_MAX = 1 << 20, 1 << 30
+_BATCH_ROWS = 262_144
+
+
+def _result_batches(run: RunDir, block_size: int = _JSON_BLOCK) -> Iterator[Any]:
+    """The counted columns of the run's results, batch by batch.
+
+    results.parquet when the run has it (columnar: only these columns are
+    read); else results.jsonl through Arrow's streaming JSON reader, in blocks
+    of ``block_size`` bytes.
+    """
+    parquet = run.file("results.parquet")
+    if parquet.exists():
+        import pyarrow.parquet as pq  # a report's or this command's import (25 ms)
+
+        yield from pq.ParquetFile(parquet).iter_batches(
+            batch_size=_BATCH_ROWS, columns=_COUNT_COLUMNS
+        )
+        return
+    jsonl = run.file("results.jsonl")
+    if not jsonl.exists():
+        raise RunDirError(f"{run.path}: no results yet; run `mailpipe report {run.path}`")
+    if jsonl.stat().st_size == 0:  # Arrow refuses an empty stream; no rows is no counts
+        return
+    import pyarrow.json as pj
+
+    schema = pa.schema(
+        [
+            ("job", pa.string()),
+            ("target", pa.string()),
+            ("status", pa.string()),
+            ("result", pa.string()),
+            ("reason", pa.struct([("type", pa.string())])),
+            ("http_status", pa.int32()),
+            ("state", pa.string()),
+        ]
+    )
+    reader = pj.open_json(
+        jsonl,
+        read_options=pj.ReadOptions(block_size=block_size),
+        parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+    )
+    # a block is a few thousand rows: counted one by one, the group-bys would cost more
+    # than the parsing, so they are counted a quarter of a million at a time
+    held: list[Any] = []
+    for batch in reader:
+        held.append(batch)
+        if sum(b.num_rows for b in held) >= _BATCH_ROWS:
+            yield pa.Table.from_batches(held, schema=schema).combine_chunks().to_batches()[0]
+            held = []
+    if held:
+        yield pa.Table.from_batches(held, schema=schema).combine_chunks().to_batches()[0]
+
+
+def _codes(batch: Any) -> Any:
+    """Each row's platform code: ``reason.type``, else ``result``, else Yesmail's
+    ``http_status/state``; "" when the row has none.
+
+    ``reason.type`` comes first because a failed subscribe's ``result`` is just
+    ``FAILED``; the three never mix within a target.
+    """
+    http = pc.cast(batch.column("http_status"), pa.string())
+    state = batch.column("state")
+    # "202/completed" when both; not null_handling="skip", which drops all-null rows
+    # (pyarrow 26) instead of keeping them null
+    yesmail = pc.coalesce(pc.binary_join_element_wise(http, state, "/"), http, state)
+    return pc.coalesce(_reason_types(batch.column("reason")), batch.column("result"), yesmail, "")
+
+
+def _reason_types(reason: Any) -> Any:
+    """``reason.type`` of each row (null without a reason).
+
+    results.jsonl gives the object, parsed by Arrow; results.parquet gives its
+    JSON text, whose ``type`` mailpipe writes first: a pattern reads that
+    without parsing, and only text that does not start so (an HTTP answer
+    with its keys in another order) is parsed, once per distinct value.
+    """
+    if pa.types.is_struct(reason.type):
+        return pc.struct_field(reason, "type")
+    reason = pc.cast(reason, pa.string())
+    types = pc.struct_field(
+        pc.extract_regex(reason, r'^\{"type":"(?P<type>[A-Z_a-z0-9]*)"'), "type"
+    )
+    odd = pc.and_(pc.is_valid(reason), pc.is_null(types))
+    if not pc.any(odd).as_py():
+        return types
+    parsed: dict[str, str | None] = {}
+    for text in pc.unique(reason.filter(odd)).to_pylist():
+        try:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            obj = None
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        parsed[text] = str(kind) if kind is not None else None
+    keys = pa.array(list(parsed), pa.string())
+    values = pa.array(list(parsed.values()), pa.string())
+    looked_up = values.take(pc.index_in(reason, value_set=keys))
+    return pc.if_else(odd, looked_up, types)

@@ -1,8 +1,9 @@
 """Import and export the store's subscribers and suppression list.
 
 Import files are CSV or JSONL. Subscriber columns: ``email`` (required),
-``list`` (or ``--list``), ``state`` (subscribed | pending | unsubscribed |
-bounced; default subscribed), ``bounces``, ``suspended``, ``subscriptions``
+``list`` (or ``--list``, which wins: a row whose ``list`` names another list
+is rejected), ``state`` (subscribed | pending | unsubscribed | bounced;
+default subscribed), ``bounces``, ``suspended``, ``subscriptions``
 (Yesmail divisions, ``A|B``), and one column per profile field of the list
 (matched by name, case-insensitively). Suppression columns: ``email``,
 ``reason``, ``added_at``. A bad row is rejected with its line and reason and
@@ -134,7 +135,14 @@ def _subscriber(
     if row["_reject"]:
         return None, row["_reject"]
     low = {k.strip().lower(): v for k, v in row.items() if not k.startswith("_")}
-    name = (low.get("list") or "").strip() or list_name
+    column = (low.get("list") or "").strip()
+    if list_name is not None and column and column != list_name:
+        # --list wins: a row naming another list is not moved there silently
+        return None, (
+            f"the row's list column says {column!r} but --list is {list_name!r}; "
+            f"import it with --list {column}, or empty or correct its list column"
+        )
+    name = list_name or column
     if not name or name not in cfg.lists:
         return None, f"unknown list {name!r}; the config has {', '.join(cfg.lists)}"
     verdict = check_emails(pa.array([low.get("email")], pa.string()))

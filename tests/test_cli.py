@@ -360,3 +360,119 @@ def test_a_reader_that_goes_away_is_not_an_internal_error(setup: dict[str, Any])
     assert b"internal error" not in done.stderr, done.stderr.decode()
     assert done.returncode == 0  # every row completed, as in the clean-run test
     assert check_run_dir(last_run(setup["out"]))
+
+
+def test_results_table_counts_by_job_status_and_code(setup: dict[str, Any]) -> None:
+    """One row per (job, status, code): ignored rows keep the code the ledger settled
+    them with, a duplicate has none; the same table from results.jsonl alone, even
+    with a line longer than the JSON reader's first block size."""
+    (setup["data"] / "orders.csv").write_text(GOOD)
+    assert run(["run", "--config", setup["config"]]).exit_code == 0
+    second = setup["tmp"] / "orders-2.csv"
+    second.write_text(
+        GOOD
+        + "4,dee@example.com,Dee,Eve,1\n"  # new: completed
+        + "5,not-an-email,X,Y,1\n"  # failed: INVALID_EMAIL / 400
+        + "6,,X,Y,1\n"  # failed: MISSING_EMAIL / 400
+        + "4,dee@example.com,Dee,Eve,1\n"  # same record key as line 6: ignored, no code
+        + f"7,{'x' * 2_000_000},X,Y,1\n"  # failed: INVALID_EMAIL / 400, a 2 MB line
+    )
+    assert run(["run", "--config", setup["config"], str(second)]).exit_code == 1
+    d = last_run(setup["out"])
+    table = [
+        "job       target            status     code           rows",
+        "confirm   maestro-ondemand  completed  SUCCESS           1",
+        "confirm   maestro-ondemand  failed     INVALID_EMAIL     2",
+        "confirm   maestro-ondemand  failed     MISSING_EMAIL     1",
+        "confirm   maestro-ondemand  ignored    SUCCESS           4",
+        "confirm   maestro-ondemand  ignored                      1",
+        "followup  yesmail-send      completed  202/completed     1",
+        "followup  yesmail-send      failed     400               3",
+        "followup  yesmail-send      ignored    202/completed     4",
+        "followup  yesmail-send      ignored                      1",
+        "total                                                   18",
+    ]
+    result = run(["results", str(d)])
+    assert result.exit_code == 1  # some row failed, as for the run
+    assert result.stdout.splitlines() == table
+    as_json = run(["results", "--json", str(d)])
+    assert as_json.exit_code == 1
+    doc = orjson.loads(as_json.stdout)
+    assert doc["run_dir"] == str(d) and doc["total"] == 18
+    assert [tuple(c.values()) for c in doc["counts"]] == [
+        ("confirm", "maestro-ondemand", "completed", "SUCCESS", 1),
+        ("confirm", "maestro-ondemand", "failed", "INVALID_EMAIL", 2),
+        ("confirm", "maestro-ondemand", "failed", "MISSING_EMAIL", 1),
+        ("confirm", "maestro-ondemand", "ignored", "SUCCESS", 4),
+        ("confirm", "maestro-ondemand", "ignored", None, 1),
+        ("followup", "yesmail-send", "completed", "202/completed", 1),
+        ("followup", "yesmail-send", "failed", "400", 3),
+        ("followup", "yesmail-send", "ignored", "202/completed", 4),
+        ("followup", "yesmail-send", "ignored", None, 1),
+    ]
+    (d / "results.parquet").unlink()
+    assert run(["results", str(d)]).stdout.splitlines() == table
+
+
+@pytest.mark.parametrize(
+    ("stdout_tty", "stderr_tty", "log_json", "bars"),
+    [
+        (True, True, False, True),
+        (False, True, False, False),  # `mailpipe run --json > out.json` on a terminal
+        (True, False, False, False),  # stderr to a log file
+        (False, False, False, False),  # cron
+        (True, True, True, False),  # --log-json: stderr carries JSON lines
+    ],
+)
+def test_progress_bars_only_when_stdout_and_stderr_are_terminals(
+    monkeypatch: pytest.MonkeyPatch, stdout_tty: bool, stderr_tty: bool, log_json: bool, bars: bool
+) -> None:
+    import sys
+
+    from pipeline.cli import wants_progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty)
+    assert wants_progress(log_json) is bars
+
+
+def test_rejected_signups_never_show_their_password(tmp_path: Path) -> None:
+    """A signup row that becomes a reject keeps its raw text in rejects.jsonl, but not its
+    password: a row that was read has the value hidden wherever it appears, a broken
+    JSON line the value of its password key."""
+    signups = tmp_path / "signups.jsonl"
+    rows = [
+        '{"email": "bad-address", "first_name": "A", "password": "TopSecretPw1"}',
+        '{"email": "b@example.com", "birth_year": "abc", "password": "Pw\\"Quoted2"}',
+        '{"email": "c@example.com", "password": "BrokenSecret3", ',
+        '{"email": "ok@example.com", "first_name": "D", "password": "FineSecret4"}',
+    ]
+    signups.write_text("\n".join(rows) + "\n")
+    env = {
+        "MAILPIPE_SOURCES_SIGNUPS_PATH": str(signups),
+        "MAILPIPE_STORE_URL": f"sqlite:///{tmp_path}/s.db",
+        "MAILPIPE_RUN_OUT": str(tmp_path / "out"),
+    }
+    config = str(ROOT / "configs" / "mailpipe.toml")
+    result = run(["run", "--config", config, "--job", "newsletter-signup"], env=env)
+    assert result.exit_code == 1, result.output
+    d = last_run(tmp_path / "out")
+    rejects = [orjson.loads(x) for x in (d / "rejects.jsonl").read_bytes().splitlines()]
+    assert [r["line"] for r in rejects] == [1, 2, 3]
+    assert rejects[0]["raw"] == '{"email": "bad-address", "first_name": "A", "password": "***"}'
+    assert rejects[1]["raw"] == '{"email": "b@example.com", "birth_year": "abc", "password": "***"}'
+    assert rejects[2]["raw"] == '{"email": "c@example.com", "password": "***", '
+    secrets = ("TopSecretPw1", "Quoted2", "BrokenSecret3", "FineSecret4")
+    for path in d.rglob("*"):
+        if path.is_file() and "stages" not in path.parts:  # stage files: 0600, they send it
+            text = path.read_bytes()
+            assert not any(s.encode() in text for s in secrets), path
+
+
+def test_a_reject_line_that_cannot_be_split_is_not_shown_when_it_may_hold_a_password() -> None:
+    from pipeline.results import hide_password
+
+    assert hide_password("1,a@example.com,s3cret,extra", None, "pw", True) == "***"
+    assert hide_password('1,a@example.com,"s""3"', 's"3', "pw", False) == '1,a@example.com,"***"'
+    assert hide_password("1,a@example.com,", None, "pw", False) == "1,a@example.com,"
+    assert hide_password('{"pw": 12345, "x": 1}', None, "pw", True) == '{"pw": "***", "x": 1}'

@@ -936,11 +936,39 @@ def test_subscribe_not_possible(store: Store) -> None:
     assert evaluate_subscribe(sub_config(), store, [closed]) == [
         failed("SUBSCRIBE_NOT_POSSIBLE", "Subscribes to list HL#30 are not allowed")
     ]
+    assert rows(store, "closed") == {}
+
+
+def test_subscribe_to_a_list_gone_from_the_platform_is_list_not_found(store: Store) -> None:
+    # 002_…: PARAMETER_VALIDATION_ERROR covers "list not found"; SUBSCRIBE_NOT_POSSIBLE is
+    # for a list that exists but whose status takes no subscribes
+    cfg = sub_config(missing_lists=["plain"])
     gone = {**PLAIN, "mSubscriber": {"email": "a@example.com"}}
-    assert evaluate_subscribe(sub_config(missing_lists=["plain"]), store, [gone]) == [
-        failed("SUBSCRIBE_NOT_POSSIBLE", "List HL#12 is not open for subscribes")
+    assert evaluate_subscribe(cfg, store, [gone]) == [
+        {
+            "result": "FAILED",
+            "reason": {
+                "type": "PARAMETER_VALIDATION_ERROR",
+                "message": "List HL#12 not found in list group 2",
+            },
+        }
     ]
-    assert rows(store, "closed") == {} and rows(store, "plain") == {}
+    # the list is a URL parameter: judged before the subscriber data, like an unknown list
+    no_email = {**PLAIN, "mSubscriber": {}}
+    assert evaluate_subscribe(cfg, store, [no_email]) == [
+        {
+            "result": "FAILED",
+            "reason": {
+                "type": "PARAMETER_VALIDATION_ERROR",
+                "message": "List HL#12 not found in list group 2",
+            },
+        }
+    ]
+    # the other lists still answer as before
+    ok = {**SHOP, "mSubscriber": {"email": "b@example.com", "profile": GOOD}}
+    assert evaluate_subscribe(cfg, store, [ok]) == [{"result": "SUCCESS"}]
+    assert rows(store, "plain") == {}
+    assert list(rows(store)) == ["b@example.com"]
 
 
 def test_subscribe_already_subscribed_ignores_the_profile(store: Store) -> None:

@@ -192,3 +192,95 @@ def test_mail_jobs_follow_the_config(tmp_path: Path) -> None:
         assert store.mail_job_state(conn, "a") is None
         assert store.mail_job_state(conn, "b") == "not-authorized"
     store.close()
+
+
+IMPORT_CONFIG = """
+[store]
+url = "sqlite:///{db}"
+
+[lists.shop]
+name = "Shop"
+d_from_email = "shop@example.com"
+
+[lists.shop.fields.COUNTRY]
+type = "text"
+
+[lists.newsletter]
+name = "Newsletter"
+d_from_email = "news@example.com"
+mContainer = "2"
+mOwner = "N10"
+mListId = "HL#12"
+
+[lists.newsletter.fields.FIRST_NAME]
+type = "text"
+
+[sources.signups]
+kind = "signups"
+path = "s.csv"
+email = "email"
+
+[jobs.join]
+source = "signups"
+target = "maestro-subscribe"
+list = "newsletter"
+"""
+
+
+def test_subscribers_import_list_option_wins_over_the_list_column(tmp_path: Path) -> None:
+    """`--list` names the list; a row whose list column names another one is rejected."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    config = tmp_path / "mailpipe.toml"
+    config.write_text(IMPORT_CONFIG.format(db=tmp_path / "s.db"))
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(
+            main,
+            [*args[:2], "--config", str(config), *args[2:]],
+            env={"MAILPIPE_STORE_URL": f"sqlite:///{tmp_path}/s.db"},  # not the caller's
+            catch_exceptions=False,
+        )
+
+    data = tmp_path / "one.csv"
+    data.write_text(
+        "list,email\nshop,x@example.com\nnewsletter,y@example.com\n,z@example.com\n"
+        " newsletter ,w@example.com\n"
+    )
+    done = cli("subscribers", "import", "--list", "newsletter", str(data))
+    assert done.exit_code == 1
+    assert done.stdout == f"{data}: 4 rows: 3 added, 0 updated, 0 unchanged, 1 rejected\n"
+    assert done.stderr == (
+        f"mailpipe: {data}:2: rejected: the row's list column says 'shop' but --list is "
+        "'newsletter'; import it with --list shop, or empty or correct its list column\n"
+    )
+    news = cli("subscribers", "export", "--list", "newsletter")
+    assert news.exit_code == 0
+    assert news.stdout == (
+        "list,email,state,bounces,suspended,FIRST_NAME\n"
+        "newsletter,w@example.com,subscribed,0,false,\n"
+        "newsletter,y@example.com,subscribed,0,false,\n"
+        "newsletter,z@example.com,subscribed,0,false,\n"
+    )
+    shop = cli("subscribers", "export", "--list", "shop")
+    assert shop.stdout == "list,email,state,bounces,suspended,COUNTRY\n"  # nothing moved there
+    # importing it again changes nothing and rejects the same row
+    again = cli("subscribers", "import", "--list", "newsletter", str(data))
+    assert (again.exit_code, again.stdout, again.stderr) == (
+        1,
+        f"{data}: 4 rows: 0 added, 0 updated, 3 unchanged, 1 rejected\n",
+        done.stderr,
+    )
+    # without --list the list column decides (an empty one names no list)
+    done = cli("subscribers", "import", str(data))
+    assert done.exit_code == 1
+    assert done.stdout == f"{data}: 4 rows: 1 added, 0 updated, 2 unchanged, 1 rejected\n"
+    assert done.stderr == (
+        f"mailpipe: {data}:4: rejected: unknown list ''; the config has shop, newsletter\n"
+    )
+    shop = cli("subscribers", "export", "--list", "shop")
+    assert shop.stdout == (
+        "list,email,state,bounces,suspended,COUNTRY\nshop,x@example.com,subscribed,0,false,\n"
+    )

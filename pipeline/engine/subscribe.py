@@ -2,11 +2,11 @@
 
 One call, one subscriber. The checks, in order:
 
-* the URL parameters are there, name a list and an owner that exist, and
+* the URL parameters are there, name a list and an owner that exist (a list
+  in ``simulate.missing_lists`` is gone from the platform: not found), and
   ``mSubscriber`` is a JSON object with an email → else ``FAILED`` with
   ``PARAMETER_VALIDATION_ERROR``;
-* the list takes subscribes (open to everyone, still on the platform) → else
-  ``SUBSCRIBE_NOT_POSSIBLE``;
+* the list takes subscribes (open to everyone) → else ``SUBSCRIBE_NOT_POSSIBLE``;
 * the address is not already subscribed → else ``ALREADY_SUBSCRIBED`` (the
   profile is ignored);
 * the address is not a member of another list of the same group → else
@@ -49,12 +49,16 @@ def find_list(cfg: MailpipeConfig, call: SubscribeCall) -> tuple[str | None, str
     owners = {lst.mOwner for lst in cfg.lists.values()}
     if call["mOwner"] not in owners:
         return None, f"Owner {call['mOwner']} does not exist"
+    # 002_…: "PARAMETER_VALIDATION_ERROR: Indicates an error related to the URL
+    # parameter values (e.g. missing URL parameter, list not found, owner does not
+    # exist, subscriber data not a valid JSON, ...)". A list deleted on the platform
+    # (simulate.missing_lists) is a list not found, not a SUBSCRIBE_NOT_POSSIBLE.
     for name, lst in cfg.lists.items():
         if (lst.mContainer, lst.mOwner, lst.mListId) == (
             call["mContainer"],
             call["mOwner"],
             call["mListId"],
-        ):
+        ) and name not in cfg.simulate.missing_lists:
             return name, None
     return None, f"List {call['mListId']} not found in list group {call['mContainer']}"
 
@@ -200,11 +204,12 @@ def _judge(
         return F.PARAMETER_VALIDATION_ERROR.response("Missing email address")
     if problem == "INVALID_EMAIL" or email is None:
         return F.PARAMETER_VALIDATION_ERROR.response(f"Invalid email address: {sub.get('email')}")
-    if not lst.subscribe_open or name in cfg.simulate.missing_lists:
+    # 002_…: "SUBSCRIBE_NOT_POSSIBLE: Indicates that a subscribe to the selected list
+    # is not possible because of the current list status (e.g. list definition is
+    # incomplete, subscribes are not allowed, ...)": the list exists but is not open.
+    if not lst.subscribe_open:
         return F.SUBSCRIBE_NOT_POSSIBLE.response(
-            f"List {lst.mListId} is not open for subscribes"
-            if lst.subscribe_open
-            else f"Subscribes to list {lst.mListId} are not allowed"
+            f"Subscribes to list {lst.mListId} are not allowed"
         )
     row = known.get((name, key))
     if row is not None and row["state"] == "subscribed":
