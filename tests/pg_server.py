@@ -1,9 +1,10 @@
 """A real PostgreSQL server for the tests, started from the installed binaries.
 
 ``initdb`` into a temporary directory, ``postgres`` on a free loopback port,
-one fresh database per test, everything torn down after. As root (CI), the
-server runs as the ``postgres`` system user, which the distribution's package
-creates. `.ci/run` installs the package when the binaries are missing.
+one fresh database per test, everything torn down after. The binaries are the
+distribution's (`.ci/run` installs its package) or, where it has none, those of
+the ``pgserver`` wheel, a test dependency. As root, the server runs as the
+``postgres`` system user (``nobody`` when there is none).
 """
 
 from __future__ import annotations
@@ -24,13 +25,34 @@ import pytest
 
 
 def _bindir() -> Path:
+    """The distribution's PostgreSQL binaries, else those the ``pgserver`` wheel bundles
+    (a test dependency: `make test` on a machine without PostgreSQL still runs these)."""
     for cand in [shutil.which("initdb"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))]:
         if cand and os.access(cand, os.X_OK):
             return Path(os.path.realpath(cand)).parent
+    try:
+        import pgserver
+    except ImportError:
+        pgserver = None
+    if pgserver is not None:
+        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        if os.access(bundled / "initdb", os.X_OK):
+            return bundled
     pytest.fail(
-        "PostgreSQL server binaries (initdb, postgres) not found: "
-        "install them with `apt-get install postgresql` (.ci/run does this)"
+        "PostgreSQL server binaries (initdb, postgres) not found: `make install` brings "
+        "them with the pgserver wheel, or install them with `apt-get install postgresql`"
     )
+
+
+def _server_user() -> pwd.struct_passwd:
+    """Who runs the server when the tests run as root (postgres refuses root): the
+    distribution's ``postgres`` user, else ``nobody``."""
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    pytest.fail("running as root, and neither a 'postgres' nor a 'nobody' user exists")
 
 
 def _free_port() -> int:
@@ -47,7 +69,7 @@ class PgServer:
         self.port = _free_port()
         self.kw: dict[str, Any] = {}
         if os.geteuid() == 0:  # postgres refuses to run as root
-            pw = pwd.getpwnam("postgres")
+            pw = _server_user()
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
             self.kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
         self.count = 0
