@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from conftest import SEEDS, small_config
+from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pg_server import pg_server, pg_url  # noqa: F401  (fixtures)
@@ -202,13 +203,32 @@ def test_ondemand_array_in_array_out_in_order(store: Store) -> None:
     ]
 
 
-def test_ondemand_parse_error(store: Store) -> None:
+# ``recip`` text → orjson's ``JSONDecodeError`` text, which the engine passes on as the
+# PARSE_ERROR ``message`` (``answer_recip``); written out so that a changed text fails
+_PARSE_DETAILS = {
+    '{"email":': "unexpected end of data: line 1 column 10 (char 9)",
+    "[{]": "unexpected character, expected a string key: line 1 column 3 (char 2)",
+    "recip": "unexpected character, expected a JSON value: line 1 column 1 (char 0)",
+    '{"email":"a@example.com"} x': "unexpected content after document: line 1 column 27 (char 26)",
+}
+
+
+def _orjson_says(text: str) -> str:
+    with pytest.raises(orjson.JSONDecodeError) as e:
+        orjson.loads(text)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(("text", "detail"), list(_PARSE_DETAILS.items()))
+def test_ondemand_parse_error(store: Store, text: str, detail: str) -> None:
+    # the literal is orjson's own text (if this fails, orjson changed it: update the table)
+    assert _orjson_says(text) == detail
     cfg = od_config()
-    for text in ('{"email":', "[{]", "recip", '{"email":"a@example.com"} x'):
-        body = call(cfg, store, text)
-        assert set(body) == {"result", "error", "message"}, text
-        assert (body["result"], body["error"]) == ("PARSE_ERROR", "Parse error in JSON data")
-        assert body["message"]  # the parser's detail
+    assert call(cfg, store, text) == {
+        "result": "PARSE_ERROR",
+        "error": "Parse error in JSON data",
+        "message": detail,
+    }
     assert rows(store) == {}
 
 
@@ -313,13 +333,39 @@ def test_ondemand_missing_email(store: Store) -> None:
     )
 
 
+# address → email-validator's ``EmailNotValidError`` text (check_deliverability=False),
+# which the engine passes on as the INVALID_EMAIL ``message`` (``pipeline.emails``)
+_EMAIL_DETAILS = {
+    "not-an-address": "An email address must have an @-sign.",
+    "a@b@example.com": "The part after the @-sign contains invalid characters: '@'.",
+    "ann@": "There must be something after the @-sign.",
+    "ann@example..com": "An email address cannot have two periods in a row.",
+    "bad": "An email address must have an @-sign.",
+}
+
+
+def _validator_says(email: str) -> str:
+    with pytest.raises(EmailNotValidError) as e:
+        validate_email(email, check_deliverability=False)
+    return str(e.value)
+
+
 def test_ondemand_invalid_email(store: Store) -> None:
+    # the literals are email-validator's own texts (if this fails, the library changed
+    # them: update the table)
+    assert {e: _validator_says(e) for e in _EMAIL_DETAILS} == _EMAIL_DETAILS
     cfg = od_config()
-    for email in ("not-an-address", "a@b@example.com", "ann@", "ann@example..com"):
+    emails = ["not-an-address", "a@b@example.com", "ann@", "ann@example..com"]
+    for email in emails:
         body = call(cfg, store, {"email": email, "profile": {"FIRST_NAME": "A"}, **ADD})
-        assert set(body) == {"result", "error", "message"}, email
-        assert (body["result"], body["error"]) == ("INVALID_EMAIL", "Invalid email address")
-        assert body["message"]  # email-validator's explanation
+        assert body == {
+            "result": "INVALID_EMAIL",
+            "error": "Invalid email address",
+            "message": _EMAIL_DETAILS[email],
+        }, email
+    # in an array, each recipient gets its own address's explanation
+    recips = [{"email": e, "profile": {"FIRST_NAME": "A"}, **ADD} for e in emails]
+    assert call(cfg, store, recips) == [err("INVALID_EMAIL", _EMAIL_DETAILS[e]) for e in emails]
     assert rows(store) == {}
 
 
@@ -617,7 +663,7 @@ def test_ondemand_precheck_made_ahead_answers_as_the_engine_does(tmp_path: Any) 
         err("INVALID_DO_UPDATE_FLAG"),
         err("ADDRESS_REJECTED_BY_SUPPRESSION_LIST"),
         OK,
-        {**err("INVALID_EMAIL"), "message": answers[0][3]["message"]},
+        err("INVALID_EMAIL", _EMAIL_DETAILS["bad"]),
         err("ADDRESS_REJECTED_BY_SUPPRESSION_LIST"),
         OK,
         err("ADDRESS_NOT_FOUND"),
@@ -736,7 +782,7 @@ def test_ondemand_checks_run_in_the_documented_order(store: Store) -> None:
         err("INVALID_DO_UPDATE_FLAG"),
         err("INVALID_PROFILE"),
         err("MISSING_EMAIL"),
-        {**err("INVALID_EMAIL"), "message": call(cfg, store, {"email": "bad"})["message"]},
+        err("INVALID_EMAIL", _EMAIL_DETAILS["bad"]),
         err(
             "PROFILE_VALIDATION_ERROR", "NOPE: not a field of the list nor an on-demand merge field"
         ),
@@ -1179,10 +1225,15 @@ def test_yesmail_a_new_subscriber_without_id_outranks_an_earlier_409(store: Stor
     stranger = {"email": "stranger@example.com", "id": "s", "subscriptions": member_of}
     no_id = {"email": "no.id@example.com"}
     a = send(store, [stranger, no_id], transactional=False)
-    assert a.status is YesmailStatus.BAD_REQUEST
-    assert a.body["message"] == "A new subscriber requires both id and email"
+    assert_400(a, "A new subscriber requires both id and email")
     # without the one lacking an id, the same request is the 409
-    assert send(store, [stranger], transactional=False).status is YesmailStatus.CONFLICT
+    b = send(store, [stranger], transactional=False)
+    assert b.status is YesmailStatus.CONFLICT
+    assert b.body == {
+        "status": 409,
+        "message": "Subscriber must be a memberOf one of '[Banjo Lovers]'.",
+    }
+    assert b.ticket is None and b.async_results is None
     assert ym(store, "stranger@example.com") == (None, set())
 
 
@@ -1225,9 +1276,10 @@ def test_yesmail_set_referred_new_only(store: Store) -> None:
     # with add: ignored
     add = {"setReferred": "newOnly", "add": ["A"]}
     assert status_after(store, "new2@example.com", add) == "active"
-    # with remove and newOnly: ignored
+    # with remove and newOnly: ignored (the new subscriber's remove leaves it in no
+    # division, which makes it unsubscribed)
     rem = {"setReferred": "newOnly", "remove": ["A"]}
-    assert status_after(store, "new3@example.com", rem) != "referred"
+    assert status_after(store, "new3@example.com", rem) == "unsubscribed"
 
 
 def test_yesmail_set_referred_new_or_not_subscribed(store: Store) -> None:
@@ -1247,6 +1299,133 @@ def test_yesmail_set_referred_new_or_not_subscribed(store: Store) -> None:
         store, [{"email": "x@example.com", "id": "x", "subscriptions": {"setReferred": "always"}}]
     )
     assert_400(bad, "recipients[0]: setReferred must be newOnly or newOrNotSubscribed")
+
+
+# 003_…, setReferred: "newOnly sets the subscriber status to "referred" only for new
+# subscribers, otherwise the element is ignored. newOrNotSubscribed sets the subscriber
+# status to "referred" if the subscriber is new, or not subscribed to any division.
+#  • If add and setReferred are specified, setReferred is ignored.
+#  • If remove and setReferred are specified and setReferred is set to newOnly then
+#    setReferred is ignored, otherwise the subscribers status is set to referred."
+# Read as in ``_apply_subscriptions``: with remove, newOrNotSubscribed is judged after
+# the remove (referred only if no division is left), since setReferred is "Only for new
+# or unscribered recipients". Cases: (before: None = new, else (status, divisions)),
+# subscriptions, (status, divisions) after.
+_REFERRED_CASES = {
+    # newOnly alone: new only
+    "newOnly/new": (None, {"setReferred": "newOnly"}, ("referred", set())),
+    "newOnly/known-in-A": (
+        ("active", {"A"}),
+        {"setReferred": "newOnly"},
+        ("active", {"A"}),
+    ),
+    "newOnly/known-in-none": (("active", set()), {"setReferred": "newOnly"}, ("active", set())),
+    # newOnly with add: ignored
+    "newOnly+add/new": (None, {"setReferred": "newOnly", "add": ["A"]}, ("active", {"A"})),
+    "newOnly+add/known-in-A": (
+        ("active", {"A"}),
+        {"setReferred": "newOnly", "add": ["B"]},
+        ("active", {"A", "B"}),
+    ),
+    # newOnly with remove: ignored, new or not (a remove leaving no division unsubscribes)
+    "newOnly+remove/new": (
+        None,
+        {"setReferred": "newOnly", "remove": ["A"]},
+        ("unsubscribed", set()),
+    ),
+    "newOnly+remove/known-in-A-B": (
+        ("active", {"A", "B"}),
+        {"setReferred": "newOnly", "remove": ["A"]},
+        ("active", {"B"}),
+    ),
+    "newOnly+remove-all/known-in-A": (
+        ("active", {"A"}),
+        {"setReferred": "newOnly", "remove": ["*"]},
+        ("unsubscribed", set()),
+    ),
+    "newOnly+remove+add/new": (
+        None,
+        {"setReferred": "newOnly", "remove": ["A"], "add": ["B"]},
+        ("active", {"B"}),
+    ),
+    # newOrNotSubscribed alone: new, or in no division
+    "newOrNot/new": (None, {"setReferred": "newOrNotSubscribed"}, ("referred", set())),
+    "newOrNot/known-in-none": (
+        ("active", set()),
+        {"setReferred": "newOrNotSubscribed"},
+        ("referred", set()),
+    ),
+    "newOrNot/unsubscribed-in-none": (
+        ("unsubscribed", set()),
+        {"setReferred": "newOrNotSubscribed"},
+        ("referred", set()),
+    ),
+    "newOrNot/known-in-A": (
+        ("active", {"A"}),
+        {"setReferred": "newOrNotSubscribed"},
+        ("active", {"A"}),
+    ),
+    # newOrNotSubscribed with add: ignored
+    "newOrNot+add/new": (
+        None,
+        {"setReferred": "newOrNotSubscribed", "add": ["A"]},
+        ("active", {"A"}),
+    ),
+    "newOrNot+add/known-in-none": (
+        ("active", set()),
+        {"setReferred": "newOrNotSubscribed", "add": ["A"]},
+        ("active", {"A"}),
+    ),
+    # newOrNotSubscribed with remove: referred when new or no division is left
+    "newOrNot+remove/new": (
+        None,
+        {"setReferred": "newOrNotSubscribed", "remove": ["A"]},
+        ("referred", set()),
+    ),
+    "newOrNot+remove/known-in-A": (
+        ("active", {"A"}),
+        {"setReferred": "newOrNotSubscribed", "remove": ["A"]},
+        ("referred", set()),
+    ),
+    "newOrNot+remove-all/known-in-A-B": (
+        ("active", {"A", "B"}),
+        {"setReferred": "newOrNotSubscribed", "remove": ["*"]},
+        ("referred", set()),
+    ),
+    # ... and the status kept while a division is left (not "always referred")
+    "newOrNot+remove/known-in-A-B": (
+        ("active", {"A", "B"}),
+        {"setReferred": "newOrNotSubscribed", "remove": ["A"]},
+        ("active", {"B"}),
+    ),
+    # with add and remove both: the add bullet, ignored
+    "newOrNot+remove-all+add/known-in-A-B": (
+        ("active", {"A", "B"}),
+        {"setReferred": "newOrNotSubscribed", "remove": ["*"], "add": ["C"]},
+        ("active", {"C"}),
+    ),
+    "newOrNot+remove+add/new": (
+        None,
+        {"setReferred": "newOrNotSubscribed", "remove": ["A"], "add": ["A"]},
+        ("active", {"A"}),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("before", "subs", "after"), list(_REFERRED_CASES.values()), ids=list(_REFERRED_CASES)
+)
+def test_yesmail_set_referred_per_combination(
+    store: Store,
+    before: tuple[str, set[str]] | None,
+    subs: dict[str, Any],
+    after: tuple[str, set[str]],
+) -> None:
+    email = "sub@example.com"
+    if before is not None:
+        ym_seed(store, email, before[1], status=before[0])
+    assert status_after(store, email, subs) == after[0]
+    assert ym(store, email)[1] == after[1]
 
 
 @pytest.mark.parametrize(
@@ -1292,58 +1471,93 @@ def test_yesmail_202_ticket_and_async_results(store: Store) -> None:
     ]
     a = send(store, recips, ref="PO611", transactional=False, updateProfile=False)
     assert a.status is YesmailStatus.ACCEPTED
-    # the initial response is the ticket as queued
-    assert a.body["state"] == "accepted" and a.body["message"] == QUEUED
-    assert [e["state"] for e in a.body["events"]] == ["accepted"]
-    assert a.body["events"][0]["message"] == QUEUED
-    assert a.body["lastUpdate"] == a.body["events"][0]["time"]
-    t = a.ticket
-    assert t is not None and t["id"] == a.body["id"]
-    assert set(t) >= {"id", "state", "message", "request", "response", "events", "lastUpdate"}
-    assert [e["state"] for e in t["events"]] == ["accepted", "processing", "completed"]
-    assert [e["message"] for e in t["events"]] == [
-        QUEUED,
-        "update Ticket for AsyncResult info",
-        COMPLETED,
-    ]
-    assert (t["state"], t["message"]) == ("completed", COMPLETED)
-    assert t["lastUpdate"] == t["events"][-1]["time"]
-    times = [e["time"] for e in t["events"]]
+    t, r = a.ticket, a.async_results
+    assert t is not None and r is not None
+    # what differs from call to call: the ids and the times, each in the documents' format
+    ticket_id, request_id, async_id = t["id"], t["request"]["id"], r["id"]
+    assert re.fullmatch(r"[0-9a-f]{24}", ticket_id) and re.fullmatch(r"[0-9a-f]{24}", async_id)
+    assert re.fullmatch(r"[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}", request_id)
+    t0, t1, t2 = (e["time"] for e in t["events"])
+    at = r["completed"][0]["time"]
+    times = [t0, t1, t2, at]
     assert times == sorted(times)
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", x) for x in times)
-    req = t["request"]
-    assert set(req) == {"id", "user", "time", "uri"}
-    assert req["user"] == "jefftronics3"
-    assert req["uri"] == "https://api.yesmail.com/v2/emails/send?responseRef=PO611"
-    assert req == a.body["request"]
-    r = a.async_results
-    assert r is not None
-    assert t["response"]["location"] == f"https://api.yesmail.com/v2/async-results/{r['id']}"
-    assert t["response"]["ref"] == "PO611"
+    uri = "https://api.yesmail.com/v2/emails/send?responseRef=PO611"
+    request = {"id": request_id, "user": "jefftronics3", "time": t0, "uri": uri}
+    accepted = {"state": "accepted", "message": QUEUED, "time": t0}
+    # the initial response is the ticket as queued
+    assert a.body == {
+        "id": ticket_id,
+        "state": "accepted",
+        "message": QUEUED,
+        "request": request,
+        "response": {"ref": "PO611", "location": None},
+        "events": [accepted],
+        "lastUpdate": t0,
+    }
+    assert t == {
+        "id": ticket_id,
+        "state": "completed",
+        "message": COMPLETED,
+        "request": request,
+        "response": {
+            "ref": "PO611",
+            "location": f"https://api.yesmail.com/v2/async-results/{async_id}",
+        },
+        "events": [
+            accepted,
+            {"state": "processing", "message": "update Ticket for AsyncResult info", "time": t1},
+            {"state": "completed", "message": COMPLETED, "time": t2},
+        ],
+        "lastUpdate": t2,
+    }
     # not transactional: the unsubscribed and the dead are ignored
     assert a.per_recipient == ["completed", "ignored", "completed", "ignored"]
-    assert r["counts"] == {"requested": 4, "total": 4, "completed": 2, "ignored": 2, "failed": 0}
-    c = r["counts"]
-    assert c["completed"] + c["ignored"] + c["failed"] == c["total"] == c["requested"] == 4
-    index = {k: [x["index"] for x in r[k]] for k in ("completed", "ignored", "failed")}
-    assert index == {"completed": [0, 2], "ignored": [1, 3], "failed": []}
-    assert sorted(i for found in index.values() for i in found) == [0, 1, 2, 3]
-    assert r["lastUpdated"] == t["lastUpdate"]
+    assert r == {
+        "id": async_id,
+        "lastUpdated": t2,
+        "counts": {"requested": 4, "total": 4, "completed": 2, "ignored": 2, "failed": 0},
+        "completed": [{"index": 0, "time": at}, {"index": 2, "time": at}],
+        "failed": [],
+        "ignored": [{"index": 1, "time": at}, {"index": 3, "time": at}],
+    }
     # updateProfile false: the attributes only personalize, they are not stored
     assert ym(store, "mickey.hart@yesmail.com")[0]["attrs"] == "{}"  # type: ignore[index]
 
     # transactional: everyone completed
     b = send(store, recips, transactional=True)
     assert b.per_recipient == ["completed"] * 4
-    assert b.async_results["counts"] == {
-        "requested": 4,
-        "total": 4,
-        "completed": 4,
-        "ignored": 0,
-        "failed": 0,
+    bt, br = b.ticket, b.async_results
+    b0, at = bt["events"][0]["time"], br["completed"][0]["time"]
+    assert br == {
+        "id": br["id"],
+        "lastUpdated": bt["lastUpdate"],
+        "counts": {"requested": 4, "total": 4, "completed": 4, "ignored": 0, "failed": 0},
+        "completed": [{"index": i, "time": at} for i in range(4)],
+        "failed": [],
+        "ignored": [],
     }
-    assert b.ticket["request"]["uri"] == "https://api.yesmail.com/v2/emails/send"
-    assert b.body["response"] is None  # no ref, nothing to report yet
+    # no ref: the uri without it, and nothing to report in the initial response
+    request = {
+        "id": bt["request"]["id"],
+        "user": "jefftronics3",
+        "time": b0,
+        "uri": "https://api.yesmail.com/v2/emails/send",
+    }
+    assert b.body == {
+        "id": bt["id"],
+        "state": "accepted",
+        "message": QUEUED,
+        "request": request,
+        "response": None,
+        "events": [{"state": "accepted", "message": QUEUED, "time": b0}],
+        "lastUpdate": b0,
+    }
+    assert bt["request"] == request
+    assert bt["response"] == {
+        "ref": None,
+        "location": f"https://api.yesmail.com/v2/async-results/{br['id']}",
+    }
 
 
 def test_yesmail_update_profile_stores_the_attributes(store: Store) -> None:
@@ -1465,8 +1679,8 @@ def test_yesmail_a_refused_request_in_a_batch_stores_nothing_and_the_others_appl
         "status": 409,
         "message": "Subscriber must be a memberOf one of '[A]'.",
     }
-    assert answers[2].body["message"] == "recipients[1]: subscriber email address is mixed case"
-    assert answers[3].body["message"] == "A new subscriber requires both id and email"
+    assert_400(answers[2], "recipients[1]: subscriber email address is mixed case")
+    assert_400(answers[3], "A new subscriber requires both id and email")
     # the refused requests stored nothing, not even their recipients before the offender
     for email in ("b@example.com", "c@example.com", "d@example.com", "f@example.com"):
         assert ym(store, email) == (None, set())

@@ -486,7 +486,38 @@ def _apply_subscriptions(
     subs: dict[str, Any], current: str | None, member_of: set[str]
 ) -> tuple[str, set[str]]:
     """remove, then add, then setReferred, for a subscriber of status ``current`` (None:
-    new); returns (status, divisions)."""
+    new); returns (status, divisions).
+
+    ``setReferred`` as ``003_…`` documents it:
+
+        newOnly sets the subscriber status to "referred" only for new subscribers,
+        otherwise the element is ignored. newOrNotSubscribed sets the subscriber status
+        to "referred" if the subscriber is new, or not subscribed to any division.
+          • If add and setReferred are specified, setReferred is ignored.
+          • If remove and setReferred are specified and setReferred is set to newOnly
+            then setReferred is ignored, otherwise the subscribers status is set to
+            referred.
+
+    The last bullet's "otherwise" (remove with ``newOrNotSubscribed``) is read as "is
+    not ignored": the value's own rule applies, judged after the remove (the documented
+    order of operations; ``isMemberOf`` too is judged "after any add or remove
+    processing"). So a subscriber whom the remove leaves without a division (or a new
+    one) becomes ``referred``; one still subscribed to a division keeps its status. Read
+    as "always referred", the bullet would contradict the same section: setReferred is
+    "Only for new or unscribered recipients" and "referred ... is a not subscribed
+    state". With add (add and remove together included) setReferred is ignored, as the
+    add bullet says. Per combination (status after the call):
+
+    - setReferred alone: newOnly → ``referred`` if new, else unchanged;
+      newOrNotSubscribed → ``referred`` if new or in no division, else unchanged;
+    - with add (with or without remove): ignored, whatever the value;
+    - with remove: newOnly → ignored (new or not); newOrNotSubscribed → ``referred``
+      if new or no division is left after the remove, else unchanged.
+
+    Where setReferred does not apply, a remove that leaves an active subscriber in no
+    division makes it ``unsubscribed``, and an add makes an ``unsubscribed`` or
+    ``referred`` one ``active`` (this engine's rules, not the setReferred section's).
+    """
     status = current or "active"
     is_new = current is None
     remove = subs.get("remove") or []
