@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import JobPlan
+from pipeline.config import HttpConfig, JobPlan
 from pipeline.payloads import builder_for
 from pipeline.payloads.base import Builder
 from pipeline.payloads.batching import Batch, Batcher
@@ -66,9 +66,14 @@ class JobBuild:
     """
 
     def __init__(
-        self, run: RunDir, plan: JobPlan, counter: BatchCounter, out: pa.ipc.RecordBatchStreamWriter
+        self,
+        run: RunDir,
+        plan: JobPlan,
+        counter: BatchCounter,
+        out: pa.ipc.RecordBatchStreamWriter,
+        http: HttpConfig | None = None,
     ) -> None:
-        self.builder = builder_for(plan)
+        self.builder = builder_for(plan, http)
         self.batcher = Batcher(self.builder.batch_size, self.builder.budget())
         self.counter = counter
         self.out = out
@@ -98,10 +103,12 @@ class JobBuild:
         return []
 
 
-def build_job(run: RunDir, plan: JobPlan, counter: BatchCounter) -> dict[str, int]:
+def build_job(
+    run: RunDir, plan: JobPlan, counter: BatchCounter, http: HttpConfig | None = None
+) -> dict[str, int]:
     """Write the request files of one job and its build stage file. Returns counts."""
     with run.stage_writer("build", plan.name, BUILD_SCHEMA) as out:
-        job = JobBuild(run, plan, counter, out)
+        job = JobBuild(run, plan, counter, out, http)
         for batch in run.stage_reader("normalize", plan.name):
             job.feed(batch)
         job.finish()

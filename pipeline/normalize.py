@@ -9,7 +9,8 @@ For each job this stage
    one of the run, is a duplicate: ``ignored``, pointing at its first row;
 3. validates the record's email (email-validator's verdict; the domain is
    lower-cased, the whole address for ``yesmail-send``) and coerces profile
-   values to their field type.
+   values to their field type; for ``yesmail-send`` the recipient's ``id``
+   (``recipient_id``) must be there too, as a new subscriber needs both.
 
 Every input row leaves this stage as exactly one output row, in input order,
 with ``_status`` = ``pending`` (it becomes part of recipient ``_rec``),
@@ -34,6 +35,7 @@ from pipeline.config import JobPlan, ProfileField
 from pipeline.emails import INVALID, MISSING, check_emails
 from pipeline.extract import record_texts
 from pipeline.keyset import KeyHasher, SeenKeys
+from pipeline.payloads.yesmail import NEW_SUBSCRIBER_NEEDS_ID, id_column
 
 if TYPE_CHECKING:
     from pipeline.ledger import Ledger
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["PROBLEMS", "Normalizer", "normalized_schema"]
 
 # why a row could not become (part of) a payload
-PROBLEMS = ("unreadable", "missing_email", "invalid_email", "profile", "duplicate")
+PROBLEMS = ("unreadable", "missing_email", "invalid_email", "profile", "missing_id", "duplicate")
 PASSTHROUGH = ("password", "remoteAddress", "userAgent", "profile_json")
 _TRUE = ["true", "yes", "1", "y", "on"]
 _FALSE = ["false", "no", "0", "n", "off"]
@@ -238,6 +240,8 @@ class Normalizer:
         if self.window is not None:
             self._select_window(g, merged)
         self._validate(g, merged)
+        if self.plan.target == "yesmail-send":
+            self._require_id(g, merged, values, gs)
         lkeys = self._ledger_keys(merged, g_files, g_lines)
         if self.ledger is not None and not self.resend:
             self._settled_before(g, lkeys)
@@ -358,6 +362,21 @@ class Normalizer:
             messages.append(msg)
         if messages:
             g.fail_profile(messages, self.plan.fields)
+
+    def _require_id(
+        self, g: _Groups, merged: dict[str, pa.Array], values: dict[str, pa.Array], gs: np.ndarray
+    ) -> None:
+        """``yesmail-send``: a record whose ``id`` is empty fails here, with the platform's
+        answer to it (see :data:`~pipeline.payloads.yesmail.NEW_SUBSCRIBER_NEEDS_ID`, which
+        quotes ``003_…``), instead of failing its whole request as a 400."""
+        col = id_column(self.plan)
+        if col == "email":  # an open record's email is there and valid
+            return
+        # what the builder will read: a field's record value; record_id is the first row's own
+        ids = merged[col] if col != "record_id" else values[col].take(pa.array(gs))
+        rows = np.flatnonzero((g.status == 0) & ~to_bool_np(pc.is_valid(ids)))
+        missing: list[str | None] = [NEW_SUBSCRIBER_NEEDS_ID] * rows.size
+        g.fail(rows, "missing_id", missing, self.plan.job.recipient_id)
 
     # -- output ---------------------------------------------------------------------
 

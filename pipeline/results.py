@@ -73,6 +73,7 @@ _PROBLEM_TEXT = {
     "unreadable": "the row could not be read",
     "missing_email": MaestroResult.MISSING_EMAIL.error,
     "invalid_email": MaestroResult.INVALID_EMAIL.error,
+    "missing_id": "missing recipient id",
 }
 _ONDEMAND = {
     "unreadable": MaestroResult.PARSE_ERROR,
@@ -135,6 +136,8 @@ def problem_outcome(
             text = _PROBLEM_TEXT[problem] + (f": {message}" if message else "")
             body = SubscribeFailure.PARAMETER_VALIDATION_ERROR.response(text)
         return {"result": body["result"], "reason": orjson.dumps(body["reason"]).decode()}
+    if problem == "missing_id":  # the platform's own 400 message (payloads.yesmail)
+        return {"http_status": int(YesmailStatus.BAD_REQUEST), "message": message}
     what = {
         "unreadable": "the row could not be read",
         "missing_email": "missing email address",

@@ -371,7 +371,7 @@ def _build(run: RunDir, cfg: MailpipeConfig, progress: Progress) -> None:
     counter = BatchCounter()
     detail = manifest.setdefault("counts", {}).setdefault("jobs", {})
     for name in manifest["jobs"]:
-        counts = build_job(run, cfg.plan(name), counter)
+        counts = build_job(run, cfg.plan(name), counter, cfg.delivery.http)
         detail.setdefault(name, {}).update(counts)
         progress("build", counts["recipients"])
     run.update_manifest(counts=manifest["counts"])
@@ -411,7 +411,7 @@ def _build_stages_together(run: RunDir, cfg: MailpipeConfig, progress: Progress)
                     run.stage_writer("normalize", name, norm.schema) as nout,
                     run.stage_writer("build", name, BUILD_SCHEMA) as bout,
                 ):
-                    job = JobBuild(run, plan, counter, bout)
+                    job = JobBuild(run, plan, counter, bout, cfg.delivery.http)
                     run_chain(feed, [_NormalizeStep(norm, nout, progress), job])
                 detail[name] = {"recipients": norm.recipients, **job.counts}
                 progress("build", job.counts["recipients"])

@@ -276,11 +276,34 @@ def test_only_the_offending_recipients_fail_on_400_and_409(setup: Setup, sandbox
         env=env_of(sandbox, setup),
     )
     assert result.exit_code == 1
-    rows = check_run_dir(last_run(setup.out("client")))
+    run = last_run(setup.out("client"))
+    rows = check_run_dir(run)
     failed = {r["email"]: r for r in rows if r["status"] == "failed"}
-    assert set(failed) == {"new@example.com", "gus@example.com", "kim@example.com"}
-    assert failed["new@example.com"]["http_status"] == 400
-    assert failed["new@example.com"]["message"] == "A new subscriber requires both id and email"
+    assert set(failed) == {
+        "fay@example.com",
+        "new@example.com",
+        "gus@example.com",
+        "kim@example.com",
+    }
+    # no customer number (the job's recipient id): refused before sending, with the answer
+    # the platform gives a new subscriber without an id, instead of a 400 on its request
+    # (fay is known to the platform, but that cannot be told before sending)
+    for email, line in (("fay@example.com", 10), ("new@example.com", 14)):
+        assert failed[email]["http_status"] == 400 and failed[email]["batch"] is None
+        assert failed[email]["message"] == "A new subscriber requires both id and email"
+        assert failed[email]["line"] == line
+    rejects = [orjson.loads(ln) for ln in (run / "rejects.jsonl").read_bytes().splitlines()]
+    assert {(r["line"], r["field"], r["reason"], r["code"]) for r in rejects} == {
+        (line, "CUSTOMER_NO", "A new subscriber requires both id and email", "400")
+        for line in (10, 14)
+    }
+    # so no request carries a recipient without its id
+    sent = [
+        rec
+        for f in (run / "batches").glob("yesmail-send-*.request.json")
+        for rec in orjson.loads(f.read_bytes())["body"]["recipients"]
+    ]
+    assert len(sent) == 11 and all(rec.get("id") for rec in sent)
     for email in ("gus@example.com", "kim@example.com"):  # not members of Shop News
         assert failed[email]["http_status"] == 409
         assert failed[email]["message"] == "Subscriber must be a memberOf one of '[Shop News]'."
@@ -296,6 +319,52 @@ def test_only_the_offending_recipients_fail_on_400_and_409(setup: Setup, sandbox
     assert sandbox.requests["send"] == len(attempts) > 3
     states = [e["state"] for e in others[0]["events"]]
     assert states == ["accepted", "processing", "completed"]
+
+
+@pytest.fixture
+def recording_sandbox(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The sandbox, keeping the URL of every send and subscribe request as it arrived."""
+    from pipeline.sandbox.server import Sandbox
+
+    seen: dict[str, list[str]] = {"send": [], "subscribe": []}
+
+    def recording(route: str) -> Any:
+        handler = getattr(Sandbox, route)
+
+        async def handle(self: Sandbox, request: web.Request) -> web.StreamResponse:
+            seen[route].append(f"{request.scheme}://{request.host}{request.raw_path}")
+            return await handler(self, request)  # type: ignore[no-any-return]
+
+        return handle
+
+    for route in seen:
+        monkeypatch.setattr(Sandbox, route, recording(route))
+    with running_sandbox(load_config(setup.config("sandbox"), env={})) as box:
+        box.seen = seen
+        yield box
+
+
+def test_request_files_name_the_url_the_sandbox_received(
+    setup: Setup, recording_sandbox: Any
+) -> None:
+    """A request file holds what is sent, its URL included: with the endpoints pointed at
+    the sandbox (MAILPIPE_DELIVERY_HTTP_YESMAIL_URL, …), the URL of every Yesmail request
+    file is the one the sandbox got, and each subscribe call went to its file's URL."""
+    box = recording_sandbox
+    args = ["run", "--config", setup.config("client"), "--mode", "http"]
+    result = cli([*args, "--job", "followup", "--job", "signup"], env=env_of(box, setup))
+    assert result.exit_code == 1, result.output  # some rows fail on purpose
+    batches = last_run(setup.out("client")) / "batches"
+
+    def urls(target: str) -> set[str]:
+        files = batches.glob(f"{target}-*.request.json")
+        return {orjson.loads(f.read_bytes())["url"] for f in files}
+
+    assert box.seen["send"]  # bisected requests repeat their batch's URL
+    assert set(box.seen["send"]) == urls("yesmail-send")
+    assert all(u.startswith(box.base + "/v2/emails/send?responseRef=") for u in box.seen["send"])
+    assert box.seen["subscribe"]
+    assert {u.split("?")[0] for u in box.seen["subscribe"]} == urls("maestro-subscribe")
 
 
 def test_transient_failures_are_retried_and_recorded(setup: Setup) -> None:
@@ -939,8 +1008,11 @@ def test_the_next_chunk_goes_while_the_tickets_of_the_one_before_are_followed(
     its own here) is accepted before the batch before it has completed; the results are
     still those of simulate."""
     options = SandboxOptions(ticket_delay=0.2)  # 0.4 s from accepted to completed
+    # batches of 4: the 11 recipients with a customer number make 3 batches, each with
+    # recipients the platform accepts (fay and new, without one, are refused before)
+    size = {"MAILPIPE_JOBS_FOLLOWUP_BATCH_SIZE": "4"}
     with running_sandbox(load_config(setup.config("sandbox"), env={}), options) as box:
-        env = env_of(box, setup, MAILPIPE_RUN_CHUNK_ROWS="4")
+        env = env_of(box, setup, MAILPIPE_RUN_CHUNK_ROWS="4", **size)
         args = ["run", "--config", setup.config("client"), "--mode", "http", "--job", "followup"]
         assert cli(args, env=env).exit_code == 1  # some rows fail on purpose
         tickets = [t.document() for t in box.tickets.values()]
@@ -954,8 +1026,8 @@ def test_the_next_chunk_goes_while_the_tickets_of_the_one_before_are_followed(
     assert len(batches) >= 3
     for before, after in itertools.pairwise(batches):
         assert accepted[after] < completed[before], (before, after)
-    sim = cli(["run", "--config", setup.config("sim"), "--mode", "simulate", "--job", "followup"])
-    assert sim.exit_code == 1
+    sim_args = ["run", "--config", setup.config("sim"), "--mode", "simulate", "--job", "followup"]
+    assert cli(sim_args, env=size).exit_code == 1
     http_rows = check_run_dir(last_run(setup.out("client")))
     assert comparable(http_rows) == comparable(check_run_dir(last_run(setup.out("sim"))))
 
@@ -982,8 +1054,8 @@ def test_a_prepared_chunk_is_sent_from_its_prepared_items_and_a_subset_rebuilds(
             "_esc": pa.array([False] * 3),
             "email": ["a@example.com", "b@example.com", "a@example.com"],
             "record_id": ["1", "2", "3"],
-            **{
-                f"f:{name}": pa.array([None] * 3, pa.string())
+            **{  # as normalize leaves them: each recipient has its id (CUSTOMER_NO)
+                f"f:{name}": pa.array([f"{name}-{i}" for i in range(3)], pa.string())
                 for name in plan.fields
                 if plan.field_spec(name).type != "number"
             },

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pytest
 from conftest import small_config
@@ -17,9 +18,13 @@ from hypothesis import strategies as st
 
 from pipeline import keyset
 from pipeline.arrowutil import blank_to_null
+from pipeline.build import primary_rows
 from pipeline.config import JobPlan, MailpipeConfig, ProfileField
+from pipeline.engine import yesmail as engine_yesmail
 from pipeline.extract import PROVENANCE, FileStats, extract_file, extracted_schema, make_batch
 from pipeline.normalize import InputRef, Normalizer, arrow_type, coerce, normalized_schema
+from pipeline.payloads.yesmail import NEW_SUBSCRIBER_NEEDS_ID, YesmailBuilder
+from pipeline.results import problem_outcome
 
 # -- a config with every field type ----------------------------------------------
 
@@ -364,6 +369,70 @@ def test_yesmail_send_lowercases_the_whole_address() -> None:
     assert [r["email"] for r in send] == ["ann.lee@example.com", "åsa@bücher.de"]
     confirm = normalize(CONFIRM, [batch(CONFIRM, rows)])
     assert [r["email"] for r in confirm] == ["Ann.Lee@example.com", "ÅSA@bücher.de"]
+
+
+# yesmail-send: a record without its recipient id never reaches the builder
+ID_JOBS = {
+    "by-order": {**JOBS["send"], "recipient_id": "record_id"},
+    "by-field": {**JOBS["send"], "recipient_id": "LAST_NAME"},
+}
+ID_CFG = small_config(sources=SOURCES, jobs={**JOBS, **ID_JOBS})
+
+
+@pytest.mark.parametrize(
+    ("job", "missing"),
+    [
+        ("by-order", {"key": None}),
+        ("by-order", {"key": "  "}),
+        ("by-field", {"key": "4", "LAST_NAME": ""}),
+        ("by-field", {"key": "4"}),
+    ],
+)
+def test_yesmail_send_refuses_a_record_without_its_id(job: str, missing: dict[str, Any]) -> None:
+    """What the platform answers a new subscriber sent without an id (400, its message),
+    answered before sending: the row keeps its line, and the request files never hold a
+    recipient without "id" (so no request of several is refused whole for it)."""
+    plan = ID_CFG.plan(job)
+    rows = [
+        order("1", LAST_NAME="Lee", _line=2),
+        order(missing.pop("key"), email="bob@example.com", _line=3, **missing),
+        order(None, email="no-at-sign", _line=4),  # its email is the first problem
+        order("5", email="cy@example.com", LAST_NAME="Cy", _line=5),
+    ]
+    norm = Normalizer(plan, [InputRef("orders.csv")])
+    batches = [*norm.feed(batch(plan, rows)), *norm.finish()]
+    out = [r for b in batches for r in b.to_pylist()]
+    assert [r["_status"] for r in out] == ["pending", "failed", "failed", "pending"]
+    bad = out[1]
+    assert (bad["_line"], bad["_problem"], bad["_field"]) == (
+        3,
+        "missing_id",
+        plan.job.recipient_id,
+    )
+    assert bad["_message"] == NEW_SUBSCRIBER_NEEDS_ID
+    assert bad["_raw"] is not None  # for rejects.jsonl, with its line
+    assert out[2]["_problem"] == "invalid_email"
+    # the row's result: the documented 400, with the platform's own message
+    assert problem_outcome(plan.target, bad["_problem"], bad["_message"], bad["_details"]) == {
+        "http_status": 400,
+        "message": NEW_SUBSCRIBER_NEEDS_ID,
+    }
+    assert NEW_SUBSCRIBER_NEEDS_ID == engine_yesmail._NEW_NEEDS_BOTH  # the sandbox's answer
+    # every recipient the builder renders carries its id
+    builder = YesmailBuilder(plan)
+    items = [
+        orjson.loads(i) for t in primary_rows(iter(batches)) for i in builder.items(t).to_pylist()
+    ]
+    want = ["1", "5"] if job == "by-order" else ["Lee", "Cy"]
+    assert [(i["email"], i["id"]) for i in items] == list(
+        zip(["ann@example.com", "cy@example.com"], want, strict=True)
+    )
+
+
+def test_yesmail_send_by_email_needs_no_other_id() -> None:
+    """recipient_id = "email" (the default): the email is the id, so no record lacks one."""
+    out = normalize(SEND, [batch(SEND, [order(None, email="bob@example.com")])])
+    assert out[0]["_status"] == "pending"
 
 
 def test_created_at_and_record_id_are_per_row() -> None:

@@ -11,6 +11,7 @@ import json
 import re
 import string
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
@@ -23,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.build import join_items
-from pipeline.config import JobPlan, parse_config
+from pipeline.config import HttpConfig, JobPlan, parse_config
+from pipeline.deliver.http_maestro import SubscribeSender
 from pipeline.extract import needs_escape
 from pipeline.normalize import normalized_schema
 from pipeline.payloads import builder_for
@@ -31,7 +33,7 @@ from pipeline.payloads.base import REDACTED, encoded_bytes, url_quote
 from pipeline.payloads.batching import Batch, Batcher
 from pipeline.payloads.maestro_ondemand import OnDemandBuilder, trigger_url
 from pipeline.payloads.maestro_subscribe import SubscribeBuilder, subscribe_query
-from pipeline.payloads.yesmail import YesmailBuilder
+from pipeline.payloads.yesmail import YesmailBuilder, send_url
 
 # -- seeds ------------------------------------------------------------------------------
 
@@ -560,6 +562,62 @@ def test_yesmail_recipient_id_choices() -> None:
     plan = make_plan("yesmail-send", {"FIRST_NAME": "first_name"}, templateId="1")
     (item,) = parsed(YesmailBuilder(plan).items(rows(plan, [{"email": "b@example.com"}])))
     assert item == {"email": "b@example.com", "id": "b@example.com"}
+
+
+def test_yesmail_builder_never_sends_a_recipient_without_id() -> None:
+    """Normalize refuses a record without its id (tests/test_normalize.py); one that got
+    here anyway stops the build instead of going out as a bare email."""
+    plan = make_plan(
+        "yesmail-send",
+        {"FIRST_NAME": "first_name"},
+        source_extra={"record_id": "order_id"},
+        templateId="1",
+        recipient_id="record_id",
+    )
+    recs = [{"email": "a@example.com", "record_id": "R-1"}, {"email": "b@example.com"}]
+    with pytest.raises(ValueError, match="1 recipient\\(s\\) without an id \\(record_id\\)"):
+        YesmailBuilder(plan).items(rows(plan, recs))
+
+
+# -- request-file URLs: the endpoints the senders use -----------------------------------------
+
+
+def test_yesmail_request_file_names_the_configured_endpoint() -> None:
+    """The sender posts to ``delivery.http.yesmail_url``; so does the request file say."""
+    plan = make_plan("yesmail-send", {"FIRST_NAME": "first_name"}, templateId="1")
+    http = HttpConfig(yesmail_url="http://127.0.0.1:8025/")
+    head, _ = builder_for(plan, http).envelope("yesmail-send-0007")
+    url = orjson.loads(head + b"]}}")["url"]
+    assert url == "http://127.0.0.1:8025/v2/emails/send?responseRef=yesmail-send-0007"
+    assert url == send_url(http.yesmail_url, "yesmail-send-0007")
+
+
+def test_subscribe_request_file_falls_back_to_maestro_url() -> None:
+    """A job without ``subscribe_url``: the sender calls ``delivery.http.maestro_url``, and
+    the request file names that URL (not a bare path); ``subscribe_url`` wins over it."""
+    plan = make_plan(
+        "maestro-subscribe",
+        {"FIRST_NAME": "first_name"},
+        {"FIRST_NAME": {"type": "text"}},
+        source_extra={"kind": "signups"},
+        list_extra=SUBSCRIBE_LIST,
+    )
+    assert plan.job.subscribe_url is None
+    endpoint = "/list/action/addSubscriberExternally.do"
+    for http, want in (
+        (HttpConfig(maestro_url="https://lists.example.org/"), "https://lists.example.org"),
+        (None, "https://maestro.example.com"),  # the config's default maestro_url
+    ):
+        head, _ = builder_for(plan, http).envelope("maestro-subscribe-0001")
+        url = orjson.loads(head + b"]}")["url"]
+        assert url == want + endpoint
+        # the very base the sender requests (its constructor needs no network)
+        backend = SimpleNamespace(plan=plan, http=http or HttpConfig())
+        assert SubscribeSender(backend, None).base == url  # type: ignore[arg-type]
+    with_url = subscribe_plan()  # subscribe_url = "https://maestro.example.com/"
+    http = HttpConfig(maestro_url="https://lists.example.org")
+    head, _ = builder_for(with_url, http).envelope("maestro-subscribe-0001")
+    assert orjson.loads(head + b"]}")["url"] == "https://maestro.example.com" + endpoint
 
 
 def test_recipients_without_profile_values_keep_their_place() -> None:

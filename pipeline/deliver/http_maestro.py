@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError, DeliveryError, DeliveryStopped, Maestro
 from pipeline.errors import SubscribeFailure as F
 from pipeline.payloads.base import REDACTED
 from pipeline.payloads.maestro_ondemand import trigger_url
-from pipeline.payloads.maestro_subscribe import SUBSCRIBE_PATH, subscribe_query
+from pipeline.payloads.maestro_subscribe import subscribe_endpoint, subscribe_query
 from pipeline.payloads.urlencode import quote_text
 from pipeline.rundir import now_iso
 
@@ -199,8 +199,7 @@ class SubscribeSender:
     def __init__(self, backend: HttpBackend, transport: Transport) -> None:
         self.backend = backend
         self.transport = transport
-        base = backend.plan.job.subscribe_url or backend.http.maestro_url
-        self.base = base.rstrip("/") + SUBSCRIBE_PATH
+        self.base = subscribe_endpoint(backend.plan, backend.http)
         lst = backend.plan.lst
         self.ids = (lst.mContainer or "", lst.mOwner or "", lst.mListId or "")
         # the builder's call object: {"mContainer":…,"mOwner":…,"mListId":…,"mSubscriber":{…}}

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urljoin
+from urllib.parse import urljoin
 
 import orjson
 
@@ -34,7 +34,7 @@ from pipeline.deliver.http import BatchAnswer, chunk_items, run_in_order
 from pipeline.deliver.runner import Chunk
 from pipeline.deliver.transport import Response, Transport, json_headers, truncate
 from pipeline.errors import DeliveryError, DeliveryStopped, YesmailStatus
-from pipeline.payloads.yesmail import SEND_PATH
+from pipeline.payloads.yesmail import send_url
 from pipeline.rundir import now_iso
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class YesmailSender:
 
         An accepted request joins ``accepted``, its ticket to be followed.
         """
-        url = f"{self.base}{SEND_PATH}?responseRef={quote(ref, safe='')}"
+        url = send_url(self.base, ref)
         events = list(inherited)
         idx = list(range(lo - base, hi - base))
         try:

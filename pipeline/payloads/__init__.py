@@ -13,7 +13,7 @@ most the job's batch size (and, for GET targets, short enough for a URL).
 
 from __future__ import annotations
 
-from pipeline.config import JobPlan
+from pipeline.config import HttpConfig, JobPlan
 from pipeline.payloads.base import Builder
 from pipeline.payloads.maestro_ondemand import OnDemandBuilder
 from pipeline.payloads.maestro_subscribe import SubscribeBuilder
@@ -22,10 +22,11 @@ from pipeline.payloads.yesmail import YesmailBuilder
 __all__ = ["Builder", "builder_for"]
 
 
-def builder_for(plan: JobPlan) -> Builder:
-    """The payload builder of a job's target."""
+def builder_for(plan: JobPlan, http: HttpConfig | None = None) -> Builder:
+    """The payload builder of a job's target; ``http`` (``cfg.delivery.http``) names the
+    endpoints its request files show (the defaults without it)."""
     if plan.target == "maestro-ondemand":
-        return OnDemandBuilder(plan)
+        return OnDemandBuilder(plan, http)
     if plan.target == "maestro-subscribe":
-        return SubscribeBuilder(plan)
-    return YesmailBuilder(plan)
+        return SubscribeBuilder(plan, http)
+    return YesmailBuilder(plan, http)

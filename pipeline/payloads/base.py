@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from pipeline.config import JobPlan
+from pipeline.config import HttpConfig, JobPlan
 from pipeline.payloads.jsonfrag import field
 
 __all__ = ["REDACTED", "Builder", "encoded_bytes", "url_quote"]
@@ -54,13 +54,18 @@ class Builder:
     target sends by GET, ``envelope`` wraps a batch's items into the
     request file, and ``commutes`` says which requests to one address may
     overtake each other.
+
+    ``http`` is ``delivery.http`` of the run's config: the endpoints the senders
+    use, so that the URL in a request file is the one really (or, in another
+    mode, the one that would be) requested. Without it the defaults stand.
     """
 
     target = ""
     list_open = "["
 
-    def __init__(self, plan: JobPlan) -> None:
+    def __init__(self, plan: JobPlan, http: HttpConfig | None = None) -> None:
         self.plan = plan
+        self.http = http if http is not None else HttpConfig()
         self.batch_size = plan.job.batch_size
 
     def items(self, rows: pa.Table) -> pa.Array:

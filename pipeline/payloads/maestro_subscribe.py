@@ -10,7 +10,9 @@ Per ``002_…`` (Maestro 11.0 help, "Add Subscribers By API Calls")::
                        "remoteAddress":"192.168.1.1","userAgent":"Mozilla/5.0 …"}
 
 A batch file holds up to ``batch_size`` such calls. The password is sent but
-never written: request files show ``"password":"***"``.
+never written: request files show ``"password":"***"``. Their ``url`` is the
+endpoint the sender calls (:func:`subscribe_endpoint`): the job's
+``subscribe_url``, else ``delivery.http.maestro_url``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import HttpConfig, JobPlan
 from pipeline.payloads.base import REDACTED, Builder, url_quote
 from pipeline.payloads.jsonfrag import NULL_STR, field, member, obj
 
-__all__ = ["SUBSCRIBE_PATH", "SubscribeBuilder", "subscribe_query"]
+__all__ = ["SUBSCRIBE_PATH", "SubscribeBuilder", "subscribe_endpoint", "subscribe_query"]
 
 SUBSCRIBE_PATH = "/list/action/addSubscriberExternally.do"
 _PASSWORD = r'"password":"(?:[^"\\]|\\.)*"'
+
+
+def subscribe_endpoint(plan: JobPlan, http: HttpConfig) -> str:
+    """``addSubscriberExternally.do`` on the job's ``subscribe_url``, else on the server of
+    ``delivery.http.maestro_url`` (the query, one per call, is :func:`subscribe_query`)."""
+    base = plan.job.subscribe_url or http.maestro_url
+    return base.rstrip("/") + SUBSCRIBE_PATH
 
 
 def subscribe_query(m_container: str, m_owner: str, m_list_id: str, subscriber_json: str) -> str:
@@ -67,6 +77,5 @@ class SubscribeBuilder(Builder):
         return pc.replace_substring_regex(items, _PASSWORD, f'"password":"{REDACTED}"')
 
     def envelope(self, batch_id: str) -> tuple[bytes, bytes]:
-        base = self.plan.job.subscribe_url
-        url = base.rstrip("/") + SUBSCRIBE_PATH if base else SUBSCRIBE_PATH
+        url = subscribe_endpoint(self.plan, self.http)
         return self._open(self._head(batch_id, "GET", url), "calls"), b"]}"

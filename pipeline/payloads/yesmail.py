@@ -9,8 +9,10 @@ Per ``003_…``::
                     "subscriptions":{"isMemberOf":["Banjo Lovers"]}}]}
 
 Emails are lower case (the API rejects mixed case); ``id`` is always sent
-(a new subscriber needs both); ``userAttrs`` is an array of one-key objects,
-named by the job's ``attrs`` mapping or the field name.
+(a new subscriber needs both: normalize rejects a record without one, see
+:data:`NEW_SUBSCRIBER_NEEDS_ID`); ``userAttrs`` is an array of one-key objects,
+named by the job's ``attrs`` mapping or the field name. A request file names the
+URL the sender posts to (:func:`send_url`, on ``delivery.http.yesmail_url``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,37 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import JobPlan
 from pipeline.payloads.base import Builder
 from pipeline.payloads.jsonfrag import NULL_STR, array, constant_member, field, member, obj
 
-__all__ = ["SEND_PATH", "YesmailBuilder"]
+__all__ = ["NEW_SUBSCRIBER_NEEDS_ID", "SEND_PATH", "YesmailBuilder", "id_column", "send_url"]
 
 SEND_PATH = "/v2/emails/send"
-YESMAIL_API = "https://api.yesmail.com"
+
+# ``003_…``, recipients: "id (optional). Customer-defined unique ID." and "One of either
+# id or email must be specified, and if the recipient is not in the subscribers database,
+# both id and email are required." Whether an address is in the platform's database is
+# not known when the payload is built, and no documented rule supplies an id the job
+# does not have (the email is an id only where the job says so: recipient_id = "email";
+# put in for another, it would become that subscriber's stored id). So a record without
+# its id is refused before it is sent, with the answer the platform gives a new
+# subscriber sent without one (HTTP 400, the engine's and the sandbox's message), not
+# sent to fail its whole request.
+NEW_SUBSCRIBER_NEEDS_ID = "A new subscriber requires both id and email"
+
+
+def send_url(api_base: str, batch_id: str) -> str:
+    """The URL a batch is POSTed to: ``delivery.http.yesmail_url``, ``/v2/emails/send`` and
+    ``responseRef=<batch id>`` (no secret in it: the key travels in a header)."""
+    return f"{api_base.rstrip('/')}{SEND_PATH}?responseRef={quote(batch_id, safe='')}"
+
+
+def id_column(plan: JobPlan) -> str:
+    """The normalized column a recipient's ``id`` comes from (``jobs.*.recipient_id``):
+    ``email``, ``record_id`` (the row's own value) or a profile field ``f:NAME``."""
+    rid = plan.job.recipient_id
+    return rid if rid in ("email", "record_id") else f"f:{rid}"
 
 
 class YesmailBuilder(Builder):
@@ -38,7 +64,13 @@ class YesmailBuilder(Builder):
         esc = rows.column("_esc").to_numpy(zero_copy_only=False)
         job = self.plan.job
         email = rows.column("email").combine_chunks()
-        rid = field("id", self._ids(rows), esc)
+        ids = self._ids(rows)
+        if ids.null_count:  # normalize refuses these (NEW_SUBSCRIBER_NEEDS_ID): never sent
+            raise ValueError(
+                f"yesmail-send job {self.plan.name!r}: {ids.null_count} recipient(s) without "
+                f"an id ({self.plan.job.recipient_id}) reached the builder; run normalize again"
+            )
+        rid = field("id", ids, esc)
         # userAttrs: an array of one-key objects, each item with its own leading comma
         attrs = [
             pc.binary_join_element_wise(
@@ -64,9 +96,7 @@ class YesmailBuilder(Builder):
         return obj(members, n)
 
     def _ids(self, rows: pa.Table) -> pa.Array:
-        rid = self.plan.job.recipient_id
-        name = rid if rid in ("email", "record_id") else f"f:{rid}"
-        return rows.column(name).combine_chunks()
+        return rows.column(id_column(self.plan)).combine_chunks()
 
     def commutes(self, rows: pa.Table) -> pa.Array | None:
         """The recipients' ids, when the job neither changes subscriptions nor updates
@@ -93,6 +123,5 @@ class YesmailBuilder(Builder):
         return orjson.dumps(head)[:-1] + b',"recipients":['
 
     def envelope(self, batch_id: str) -> tuple[bytes, bytes]:
-        url = f"{YESMAIL_API}{SEND_PATH}?responseRef={quote(batch_id, safe='')}"
-        head = self._head(batch_id, "POST", url)
+        head = self._head(batch_id, "POST", send_url(self.http.yesmail_url, batch_id))
         return orjson.dumps(head)[:-1] + b',"body":' + self.body_head(), b"]}}"
