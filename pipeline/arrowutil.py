@@ -10,6 +10,7 @@ __all__ = [
     "blank_to_null",
     "escape_rows",
     "is_ascii",
+    "join_items",
     "json_escape",
     "scatter",
     "to_bool_np",
@@ -113,3 +114,16 @@ def json_escape(col: pa.Array, esc: np.ndarray | None = None) -> pa.Array:
     mask = np.zeros(len(col), dtype=bool)
     mask[idx] = True
     return pc.replace_with_mask(col, pa.array(mask), pa.array(fixed, col.type))
+
+
+def join_items(items: pa.Array) -> bytes:
+    """The items' bytes joined by commas, straight from the Arrow buffers."""
+    if len(items) == 0:
+        return b""
+    if isinstance(items, pa.ChunkedArray):
+        items = items.combine_chunks()
+    with_comma = pc.binary_join_element_wise(items, ",", "")
+    offsets = np.frombuffer(with_comma.buffers()[1], dtype=np.int32)
+    lo = int(offsets[with_comma.offset])
+    hi = int(offsets[with_comma.offset + len(with_comma)])
+    return memoryview(with_comma.buffers()[2])[lo : hi - 1].tobytes()

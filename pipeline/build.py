@@ -152,16 +152,3 @@ def _write_batches(
     counts["batches"] += len(batches)
     counts["first_batch"] = counts["first_batch"] or numbers[0]
     counts["last_batch"] = numbers[-1]
-
-
-def join_items(items: pa.Array) -> bytes:
-    """The items' bytes joined by commas, straight from the Arrow buffers."""
-    if len(items) == 0:
-        return b""
-    if isinstance(items, pa.ChunkedArray):
-        items = items.combine_chunks()
-    with_comma = pc.binary_join_element_wise(items, ",", "")
-    offsets = np.frombuffer(with_comma.buffers()[1], dtype=np.int32)
-    lo = int(offsets[with_comma.offset])
-    hi = int(offsets[with_comma.offset + len(with_comma)])
-    return memoryview(with_comma.buffers()[2])[lo : hi - 1].tobytes()

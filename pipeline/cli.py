@@ -496,7 +496,7 @@ def results(run_dir: str, as_json: bool) -> None:
     empty for a row without one (a duplicate in the same run). Exit code as
     for the run: 1 when some row failed.
     """
-    outcome = outcome_of(RunDir(run_dir))  # no summary.json: the report stage never ran
+    outcome = outcome_of(RunDir(run_dir))
     from pipeline.results import result_counts
 
     rows = result_counts(outcome.run)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 __all__ = [
     "ASYNC_STATUSES",
+    "NEW_SUBSCRIBER_NEEDS_ID",
     "AsyncStatus",
     "ConfigError",
     "DeliveryError",
@@ -134,6 +135,11 @@ class YesmailStatus(IntEnum):
     @property
     def is_success(self) -> bool:
         return self is YesmailStatus.ACCEPTED
+
+
+# the 400 for a recipient the platform does not know, sent without id or email (``003_…``:
+# "if the recipient is not in the subscribers database, both id and email are required")
+NEW_SUBSCRIBER_NEEDS_ID = "A new subscriber requires both id and email"
 
 
 class TicketState(StrEnum):

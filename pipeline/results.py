@@ -29,8 +29,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrowutil import scatter, to_bool_np
-from pipeline.build import join_items
+from pipeline.arrowutil import join_items, scatter, to_bool_np
 from pipeline.config import JobPlan
 from pipeline.deliver import OUTCOME_SCHEMA
 from pipeline.errors import MaestroResult, RunDirError, SubscribeFailure, YesmailStatus
@@ -73,7 +72,6 @@ _PROBLEM_TEXT = {
     "unreadable": "the row could not be read",
     "missing_email": MaestroResult.MISSING_EMAIL.error,
     "invalid_email": MaestroResult.INVALID_EMAIL.error,
-    "missing_id": "missing recipient id",
 }
 _ONDEMAND = {
     "unreadable": MaestroResult.PARSE_ERROR,

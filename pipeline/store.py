@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline.arrowutil import json_escape
+from pipeline.arrowutil import join_items, json_escape
 from pipeline.errors import ConfigError, MailpipeError
 
 __all__ = [
@@ -335,8 +335,6 @@ class Store:
             col = pa.array(keys, pa.string())
             order = pc.sort_indices(col).to_numpy()
             literals = pc.binary_join_element_wise('"', json_escape(col.take(order)), '"', "")
-            whole = pa.ListArray.from_arrays(pa.array([0, n], pa.int32()), literals)
-            text = pc.binary_join(whole, ",")[0]
             # CROSS JOIN keeps the keys the outer loop, each one probe of the narrow index;
             # the answer is one JSON array of integers, one a known key: its position in
             # the array, its state's number, suspended and bounces packed above it
@@ -348,7 +346,7 @@ class Store:
                 f"+ 8 * (s.suspended != 0) + 16 * min(s.bounces, {_MAX_BOUNCES}))) "
                 "FROM json_each(?) j CROSS JOIN subscribers s INDEXED BY subscribers_state "
                 "ON s.list = ? AND s.email_key = j.value",
-                ("[" + text.as_py() + "]", list_name),
+                ("[" + join_items(literals).decode() + "]", list_name),
             ).fetchone()
             got = np.array(orjson.loads(packed), dtype=np.int64)
             if got.size:

@@ -23,7 +23,7 @@ from conftest import SEEDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.build import join_items
+from pipeline.arrowutil import join_items
 from pipeline.config import HttpConfig, JobPlan, parse_config
 from pipeline.deliver.http_maestro import SubscribeSender
 from pipeline.extract import needs_escape

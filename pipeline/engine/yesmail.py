@@ -28,6 +28,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from pipeline.emails import check_emails
+from pipeline.errors import NEW_SUBSCRIBER_NEEDS_ID as _NEW_NEEDS_BOTH
 from pipeline.errors import TicketState, YesmailStatus
 from pipeline.store import Store, email_key, ym_subscribers, ym_subscriptions
 
@@ -217,7 +218,6 @@ def _judge(
     return _accepted(recipients, outcomes, user, ref, api_base)
 
 
-_NEW_NEEDS_BOTH = "A new subscriber requires both id and email"
 _Sub = tuple[str | None, str, str, str]  # a Yesmail subscriber: id, email, status, attrs
 _Row = tuple[str, str | None, str, str, str]  # email_key and the subscriber
 _NONE: frozenset[str] = frozenset()

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobPlan
+from pipeline.errors import NEW_SUBSCRIBER_NEEDS_ID
 from pipeline.payloads.base import Builder
 from pipeline.payloads.jsonfrag import NULL_STR, array, constant_member, field, member, obj
 
@@ -38,9 +39,8 @@ SEND_PATH = "/v2/emails/send"
 # does not have (the email is an id only where the job says so: recipient_id = "email";
 # put in for another, it would become that subscriber's stored id). So a record without
 # its id is refused before it is sent, with the answer the platform gives a new
-# subscriber sent without one (HTTP 400, the engine's and the sandbox's message), not
-# sent to fail its whole request.
-NEW_SUBSCRIBER_NEEDS_ID = "A new subscriber requires both id and email"
+# subscriber sent without one (HTTP 400, NEW_SUBSCRIBER_NEEDS_ID), not sent to fail its
+# whole request.
 
 
 def send_url(api_base: str, batch_id: str) -> str:
