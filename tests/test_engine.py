@@ -1859,3 +1859,58 @@ def test_yesmail_a_batch_answers_as_one_request_after_the_other(seed: int, store
     assert {a[0] for a in alone} >= {202, 400}
     assert together == alone
     assert stored_together == stored_alone
+
+
+_REFERRED = {"setReferred": "newOrNotSubscribed"}
+_FWD_REFERRED = (
+    "recipients[0]: setReferred is required and must be set to newOrNotSubscribed "
+    "when using forwarder"
+)
+
+
+def test_yesmail_forwarder_example_of_the_seed_is_accepted(store: Store) -> None:
+    """003_…'s Forward-to-a-Friend request, as printed: every recipient referred."""
+    from tests.test_payloads import yesmail_seed_requests
+
+    body = yesmail_seed_requests()[3]
+    assert "forwarder" in body
+    answer = evaluate_send(store, body, "jefftronics3", None)
+    assert answer.status is YesmailStatus.ACCEPTED
+    assert answer.per_recipient == ["completed"] * len(body["recipients"])
+    for r in body["recipients"]:  # new subscribers, referred: in no division
+        sub, divisions = ym(store, r["email"])
+        assert sub is not None and sub["status"] == "referred" and divisions == set()
+
+
+@pytest.mark.parametrize(
+    ("forwarder", "subscriptions", "flags", "problem"),
+    [
+        ({"id": "f@example.com"}, None, {}, _FWD_REFERRED),
+        ({"id": "f@example.com"}, {"setReferred": "newOnly"}, {}, _FWD_REFERRED),
+        ({"id": "f@example.com"}, {"add": ["A"]}, {}, _FWD_REFERRED),
+        ("f@example.com", _REFERRED, {}, "forwarder must be an object"),
+        ({"id": 7}, _REFERRED, {}, "forwarder.id must be a string"),
+        ({"note": ["hi"]}, _REFERRED, {}, "forwarder.note must be a string"),
+        (
+            {"note": "hi"},
+            _REFERRED,
+            {"updateProfile": True},
+            "forwarder.id is required when updateProfile is true",
+        ),
+    ],
+)
+def test_yesmail_400_forwarder_without_its_requirements(
+    store: Store,
+    forwarder: Any,
+    subscriptions: dict[str, Any] | None,
+    flags: dict[str, Any],
+    problem: str,
+) -> None:
+    """003_…: with forwarder, "setReferred is required and must be set to
+    newOrNotSubscribed"; its id is "Required if updateProfile=true"."""
+    recipient: dict[str, Any] = {"email": "x@example.com", "id": "x"}
+    if subscriptions is not None:
+        recipient["subscriptions"] = subscriptions
+    bad = send(store, [recipient], forwarder=forwarder, **flags)
+    assert_400(bad, problem)
+    assert ym(store, "x@example.com") == (None, set())

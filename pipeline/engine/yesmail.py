@@ -2,7 +2,8 @@
 
 A request is judged whole first — any recipient with a mixed-case or invalid
 email, a new subscriber without both ``id`` and ``email``, or ``updateProfile``
-without ``id`` makes it a ``400 Bad Request``. Then each recipient, in order:
+without ``id``, or a ``forwarder`` whose recipients do not all set ``setReferred``
+to ``newOrNotSubscribed`` makes it a ``400 Bad Request``. Then each recipient, in order:
 ``subscriptions.remove`` (``"*"`` removes all) before ``add``; ``setReferred``
 as documented; with ``transactional`` false, ``isMemberOf`` is checked after
 add/remove and a non-member fails the whole request at once with ``409``
@@ -417,6 +418,32 @@ def _shape_problem(body: Any) -> str | None:
         return "recipients is mandatory: an array of up to 300 recipients"
     if len(recipients) > MAX_RECIPIENTS:
         return f"This request supports up to {MAX_RECIPIENTS} recipients"
+    return _forwarder_problem(body)
+
+
+def _forwarder_problem(body: dict[str, Any]) -> str | None:
+    """``forwarder`` (Forward to a Friend), as 003_… documents it: an object whose ``id``
+    is "Required if updateProfile=true" and ``note`` optional; each recipient's
+    ``setReferred`` "is required and must be set to newOrNotSubscribed"."""
+    if "forwarder" not in body:
+        return None
+    fwd = body["forwarder"]
+    if not isinstance(fwd, dict):
+        return "forwarder must be an object"
+    for name in ("id", "note"):
+        if name in fwd and not isinstance(fwd[name], str):
+            return f"forwarder.{name} must be a string"
+    if body.get("updateProfile") is True and not fwd.get("id"):
+        return "forwarder.id is required when updateProfile is true"
+    for i, r in enumerate(body["recipients"]):
+        if not isinstance(r, dict):
+            continue  # refused as such by the recipient checks
+        subs = r.get("subscriptions")
+        if not isinstance(subs, dict) or subs.get("setReferred") != "newOrNotSubscribed":
+            return (
+                f"recipients[{i}]: setReferred is required and must be set to "
+                "newOrNotSubscribed when using forwarder"
+            )
     return None
 
 
