@@ -1491,7 +1491,15 @@ def test_yesmail_202_ticket_and_async_results(store: Store) -> None:
         "state": "accepted",
         "message": QUEUED,
         "request": request,
-        "response": {"ref": "PO611", "location": None},
+        # 003_…: with a responseRef, the response so far (uri null: no responseUri given)
+        "response": {
+            "uri": None,
+            "ref": "PO611",
+            "time": None,
+            "code": None,
+            "location": None,
+            "data": None,
+        },
         "events": [accepted],
         "lastUpdate": t0,
     }
@@ -1501,6 +1509,7 @@ def test_yesmail_202_ticket_and_async_results(store: Store) -> None:
         "message": COMPLETED,
         "request": request,
         "response": {
+            "uri": None,
             "ref": "PO611",
             "location": f"https://api.yesmail.com/v2/async-results/{async_id}",
         },
@@ -1554,10 +1563,69 @@ def test_yesmail_202_ticket_and_async_results(store: Store) -> None:
         "lastUpdate": b0,
     }
     assert bt["request"] == request
-    assert bt["response"] == {
-        "ref": None,
-        "location": f"https://api.yesmail.com/v2/async-results/{br['id']}",
+    # 003_…'s completed ticket of several recipients: only the async results' location
+    assert bt["response"] == {"location": f"https://api.yesmail.com/v2/async-results/{br['id']}"}
+
+
+def test_yesmail_one_recipient_ticket_carries_its_data(store: Store) -> None:
+    """003_…'s single-recipient examples: the completed ticket's response holds ``data``
+    (messageId, sentTime), its events are accepted → completed, no async results; the
+    request's responseRef and responseUri are echoed, percent-encoded in its uri."""
+    a = evaluate_sends(
+        store,
+        [
+            (
+                {
+                    "content": {"templateId": "1465362"},
+                    "recipients": [{"email": "jerry.garcia@yesmail.com", "id": "j"}],
+                },
+                "jefftronics3",
+                "PO611",
+            )
+        ],
+        response_uris=["http://requestb.in/pd212hpd"],
+    )[0]
+    assert a.status is YesmailStatus.ACCEPTED and a.per_recipient == ["completed"]
+    assert a.async_results is None
+    t = a.ticket
+    assert t is not None
+    t0, t1 = (e["time"] for e in t["events"])
+    uri = (
+        "https://api.yesmail.com/v2/emails/send?responseRef=PO611"
+        "&responseUri=http%3A%2F%2Frequestb.in%2Fpd212hpd"
+    )
+    request = {"id": t["request"]["id"], "user": "jefftronics3", "time": t0, "uri": uri}
+    accepted = {"state": "accepted", "message": QUEUED, "time": t0}
+    assert a.body["request"] == request
+    assert a.body["response"] == {
+        "uri": "http://requestb.in/pd212hpd",
+        "ref": "PO611",
+        "time": None,
+        "code": None,
+        "location": None,
+        "data": None,
     }
+    message_id = t["response"]["data"]["messageId"]
+    assert re.fullmatch(r"\d{12}", message_id)
+    assert t == {
+        "id": a.body["id"],
+        "state": "completed",
+        "message": COMPLETED,
+        "request": request,
+        "response": {
+            "uri": "http://requestb.in/pd212hpd",
+            "ref": "PO611",
+            "data": {"messageId": message_id, "sentTime": t1},
+        },
+        "events": [accepted, {"state": "completed", "message": COMPLETED, "time": t1}],
+        "lastUpdate": t1,
+    }
+    # one recipient not mailed (transactional false, unsubscribed): the async results say so
+    ym_seed(store, "gone@example.com", {"A"}, status="unsubscribed")
+    b = send(store, [{"email": "gone@example.com"}])
+    assert b.per_recipient == ["ignored"]
+    assert b.async_results is not None and b.async_results["counts"]["ignored"] == 1
+    assert [e["state"] for e in b.ticket["events"]] == ["accepted", "processing", "completed"]
 
 
 def test_yesmail_update_profile_stores_the_attributes(store: Store) -> None:
@@ -1621,6 +1689,8 @@ def outcome(answer: Any) -> tuple[Any, ...]:
     if answer.status is not YesmailStatus.ACCEPTED:
         return (answer.status, answer.body, answer.ticket, answer.per_recipient)
     r = answer.async_results
+    if r is None:  # one recipient sent: its data on the ticket
+        return (answer.status, answer.per_recipient, None, None, answer.ticket["state"])
     listed = {k: [x["index"] for x in r[k]] for k in ("completed", "ignored", "failed")}
     return (answer.status, answer.per_recipient, r["counts"], listed, answer.ticket["state"])
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -1082,3 +1084,47 @@ def test_a_prepared_chunk_is_sent_from_its_prepared_items_and_a_subset_rebuilds(
     ]
     assert sent == ["b@example.com", "a@example.com"]  # the claimed rows, and only those
     assert items.deps == [[], []]
+
+
+def test_a_one_recipient_ticket_moves_to_its_data_with_the_uri_parameters(setup: Setup) -> None:
+    """Over HTTP, as 003_… shows a single recipient: accepted (response with uri and ref,
+    the rest null) → completed with ``data`` {messageId, sentTime}; no async results."""
+    cfg = load_config(setup.config("sandbox"), env={})
+    with running_sandbox(cfg, SandboxOptions(ticket_delay=0.05)) as box:
+        headers = {"Api-User": box.creds.api_user, "Api-Key": box.creds.api_key}
+        hook = "http://requestb.in/pd212hpd"
+        query = "responseRef=PO%20611&responseUri=" + _quote(hook)
+        body = {
+            "content": {"templateId": "1465362"},
+            "recipients": [{"email": "jerry.garcia@yesmail.com", "id": "jerry"}],
+        }
+        req = urllib.request.Request(
+            f"{box.base}/v2/emails/send?{query}",
+            data=orjson.dumps(body),
+            headers={**headers, "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 202
+            first = orjson.loads(resp.read())
+            location = resp.headers["Content-Location"]
+        assert first["state"] == "accepted"
+        assert first["request"]["uri"] == (
+            f"{box.base}/v2/emails/send?responseRef=PO%20611&responseUri=http%3A%2F%2Frequestb.in"
+            "%2Fpd212hpd"
+        )
+        assert first["response"] == dict(
+            uri=hook, ref="PO 611", time=None, code=None, location=None, data=None
+        )
+        for _ in range(100):
+            with urllib.request.urlopen(
+                urllib.request.Request(location, headers=headers), timeout=10
+            ) as resp:
+                ticket = orjson.loads(resp.read())
+            if ticket["state"] == "completed":
+                break
+            time.sleep(0.02)
+        assert [e["state"] for e in ticket["events"]] == ["accepted", "completed"]
+        data = ticket["response"]["data"]
+        assert ticket["response"] == {"uri": hook, "ref": "PO 611", "data": data}
+        assert re.fullmatch(r"\d{12}", data["messageId"])
+        assert data["sentTime"] == ticket["lastUpdate"] == ticket["events"][-1]["time"]

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import orjson
 import pyarrow as pa
@@ -33,7 +34,7 @@ from pipeline.errors import NEW_SUBSCRIBER_NEEDS_ID as _NEW_NEEDS_BOTH
 from pipeline.errors import TicketState, YesmailStatus
 from pipeline.store import Store, email_key, ym_subscribers, ym_subscriptions
 
-__all__ = ["SendAnswer", "evaluate_send", "evaluate_sends", "ticket_document"]
+__all__ = ["SendAnswer", "evaluate_send", "evaluate_sends", "send_uri", "ticket_document"]
 
 SEND_URI = "https://api.yesmail.com/v2/emails/send"
 QUEUED = "Send email request queued successfully."
@@ -69,12 +70,30 @@ def ticket_document(
     ref: str | None,
     events: list[dict[str, str]],
     location: str | None,
+    response_uri: str | None = None,
+    data: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A ticket in the documented shape, its state that of its last event."""
+    """A ticket in the documented shape, its state that of its last event.
+
+    ``response`` as 003_… prints it: ``null`` while a request without
+    ``responseRef``/``responseUri`` is under way; with them, ``uri`` and ``ref``
+    and, until it is done, ``time``, ``code``, ``location`` and ``data`` null. Done,
+    it holds the single recipient's ``data`` (messageId, sentTime) or, for several,
+    the async results' ``location``.
+    """
     last = events[-1]
+    given = ref is not None or response_uri is not None
     response: dict[str, Any] | None = None
-    if location or ref:
-        response = {"ref": ref, "location": location}
+    if last["state"] == TicketState.COMPLETED:
+        done: dict[str, Any] = {"uri": response_uri, "ref": ref} if given else {}
+        if data is not None:
+            done["data"] = data
+        if location:
+            done["location"] = location
+        response = done or None
+    elif given:
+        response = dict.fromkeys(("time", "code", "location", "data"))
+        response = {"uri": response_uri, "ref": ref, **response}
     return {
         "id": ticket_id,
         "state": last["state"],
@@ -84,6 +103,14 @@ def ticket_document(
         "events": events,
         "lastUpdate": last["time"],
     }
+
+
+def send_uri(api_base: str, ref: str | None, response_uri: str | None = None) -> str:
+    """The request's URI as the ticket shows it, its parameters percent-encoded
+    (``…/send?responseRef=PO611&responseUri=http%3A%2F%2Frequestb.in%2Fpd212hpd``)."""
+    params = [(k, v) for k, v in (("responseRef", ref), ("responseUri", response_uri)) if v]
+    query = urlencode(params, quote_via=quote, safe="")
+    return f"{api_base}/v2/emails/send" + (f"?{query}" if query else "")
 
 
 def evaluate_send(
@@ -111,8 +138,10 @@ def evaluate_sends(
     api_base: str = "https://api.yesmail.com",
     log: Callable[[Any, list[SendAnswer]], None] | None = None,
     until_refused: bool = False,
+    response_uris: Sequence[str | None] | None = None,
 ) -> list[SendAnswer]:
-    """Judge requests ``(body, user, ref)`` one after the other, in one transaction.
+    """Judge requests ``(body, user, ref)`` one after the other, in one transaction
+    (``ref`` the request's ``responseRef``; ``response_uris`` their ``responseUri``).
 
     Each answer is exactly what the request would get sent alone after the
     ones before it: a 400 or 409 stores nothing of that request, the requests
@@ -130,12 +159,13 @@ def evaluate_sends(
     with store.begin() as conn:
         state = _State(store, conn)
         state.load([k for ks in keys if ks is not None for k in ks if k is not None])
-        for (body, user, ref), problem, ks in zip(calls, problems, keys):
+        uris = response_uris or [None] * len(calls)
+        for (body, user, ref), problem, ks, ruri in zip(calls, problems, keys, uris):
             if problem is not None:
                 answers.append(error(YesmailStatus.BAD_REQUEST, problem))
             else:
                 assert ks is not None  # made for every well-formed request
-                answers.append(_judge(state, body, ks, user, ref, api_base))
+                answers.append(_judge(state, body, ks, user, (ref, ruri), api_base))
             if until_refused and answers[-1].status is not YesmailStatus.ACCEPTED:
                 break
         state.flush()
@@ -149,11 +179,12 @@ def _judge(
     body: dict[str, Any],
     keys: list[str | None],
     user: str,
-    ref: str | None,
+    ref: tuple[str | None, str | None],
     api_base: str,
 ) -> SendAnswer:
-    """One well-formed request against the state the requests before it left; ``keys``
-    its recipients' email keys (None: given by id alone)."""
+    """One well-formed request (``ref``: its responseRef and responseUri) against the
+    state the requests before it left; ``keys`` its recipients' email keys (None: given
+    by id alone)."""
     recipients: list[dict[str, Any]] = body["recipients"]
     transactional = bool(body.get("transactional", False))
     update_profile = bool(body.get("updateProfile", False))
@@ -568,14 +599,41 @@ def _apply_subscriptions(
 
 
 def _accepted(
-    recipients: list[dict[str, Any]], outcomes: list[str], user: str, ref: str | None, api_base: str
+    recipients: list[dict[str, Any]],
+    outcomes: list[str],
+    user: str,
+    ref: tuple[str | None, str | None],
+    api_base: str,
 ) -> SendAnswer:
+    """The 202: the ticket as first answered, as completed, and the async results. One
+    recipient sent: the completed ticket carries its ``data`` (messageId, sentTime) and
+    no async results, as 003_… shows; several (or one not mailed): ``processing`` "update
+    Ticket for AsyncResult info", then the async results' ``location``."""
+    response_ref, response_uri = ref
     ticket_id = secrets.token_hex(12)
     async_id = secrets.token_hex(12)
     request_id = str(uuid.uuid4())
     t0 = _now()
-    uri = f"{api_base}/v2/emails/send" + (f"?responseRef={ref}" if ref else "")
+    uri = send_uri(api_base, response_ref, response_uri)
     accepted = {"state": TicketState.ACCEPTED.value, "message": QUEUED, "time": t0}
+    first = ticket_document(
+        ticket_id, request_id, user, uri, response_ref, [accepted], None, response_uri
+    )
+    if outcomes == ["completed"]:
+        done = {"state": TicketState.COMPLETED.value, "message": COMPLETED, "time": _now()}
+        data = {"messageId": str(secrets.randbelow(10**12)).zfill(12), "sentTime": done["time"]}
+        ticket = ticket_document(
+            ticket_id,
+            request_id,
+            user,
+            uri,
+            response_ref,
+            [accepted, done],
+            None,
+            response_uri,
+            data,
+        )
+        return SendAnswer(YesmailStatus.ACCEPTED, first, ticket, None, outcomes)
     processing = {
         "state": TicketState.PROCESSING.value,
         "message": "update Ticket for AsyncResult info",
@@ -584,9 +642,15 @@ def _accepted(
     done = {"state": TicketState.COMPLETED.value, "message": COMPLETED, "time": _now()}
     location = f"{api_base}/v2/async-results/{async_id}"
     ticket = ticket_document(
-        ticket_id, request_id, user, uri, ref, [accepted, processing, done], location
+        ticket_id,
+        request_id,
+        user,
+        uri,
+        response_ref,
+        [accepted, processing, done],
+        location,
+        response_uri,
     )
-    first = ticket_document(ticket_id, request_id, user, uri, ref, [accepted], None)
     at = _now()  # the recipients are processed together
     ignored = [i for i, o in enumerate(outcomes) if o == "ignored"] if "ignored" in outcomes else []
     completed = (

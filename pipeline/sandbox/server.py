@@ -147,11 +147,14 @@ class _Ticket:
 
     def __init__(self, answer: SendAnswer) -> None:
         final = answer.ticket or {}
+        response = final.get("response") or {}
         self.id: str = final["id"]
         self.request: dict[str, Any] = final["request"]
-        self.ref: str | None = (final.get("response") or {}).get("ref")
+        self.ref: str | None = response.get("ref")
+        self.response_uri: str | None = response.get("uri")
+        self.data: dict[str, str] | None = response.get("data")
         self.steps: list[dict[str, str]] = final["events"]
-        self.location: str = (final.get("response") or {}).get("location") or ""
+        self.location: str = response.get("location") or ""
         self.results = answer.async_results or {}
         self.events = [self.steps[0]]
         self.done = False
@@ -161,6 +164,9 @@ class _Ticket:
         return self.location.rsplit("/", 1)[-1]
 
     def document(self) -> dict[str, Any]:
+        data = self.data
+        if data is not None and self.done:  # sent when the ticket completed
+            data = {**data, "sentTime": self.events[-1]["time"]}
         return ticket_document(
             self.id,
             self.request["id"],
@@ -168,7 +174,9 @@ class _Ticket:
             self.request["uri"],
             self.ref,
             self.events,
-            self.location if self.done else None,
+            self.location,
+            self.response_uri,
+            data,
         )
 
 
@@ -206,7 +214,7 @@ class Sandbox:
         self.results: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._ondemand: dict[str, _Aggregator[Any, tuple[dict[str, Any], bool]]] = {}
         self._subscribe: _Aggregator[dict[str, Any], dict[str, Any]] | None = None
-        self._sends: _Aggregator[tuple[Any, str, str | None], SendAnswer] | None = None
+        self._sends: _Aggregator[tuple[Any, str, str | None, str | None], SendAnswer] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
 
@@ -374,17 +382,19 @@ class Sandbox:
                 400, "The request could not be understood by the server due to malformed syntax."
             )
         ref = request.query.get("responseRef")
+        response_uri = request.query.get("responseUri")
         user = request.headers["Api-User"]
         if self._sends is None:
             self._sends = _Aggregator(self._answer_sends, self._engine, SEND_GROUP)
-        [answer] = await self._sends.submit([(body, user, ref)])
+        [answer] = await self._sends.submit([(body, user, ref, response_uri)])
         if answer.status is not YesmailStatus.ACCEPTED:
             return _json(answer.body, int(answer.status))
         ticket = _Ticket(answer)
         self.tickets[ticket.id] = ticket
         while len(self.tickets) > MAX_TICKETS:
             old = self.tickets.popitem(last=False)[1]
-            self.results.pop(old.async_id, None)
+            if old.location:
+                self.results.pop(old.async_id, None)
         self._later(self._process(ticket))
         return _json(
             ticket.document(),
@@ -392,10 +402,17 @@ class Sandbox:
             {"Content-Location": f"{self.base}/v2/tickets/{ticket.id}"},
         )
 
-    def _answer_sends(self, calls: list[tuple[Any, str, str | None]]) -> list[SendAnswer]:
-        """Requests that arrived together, judged one after the other in one transaction (a
-        refused one stores nothing, as alone)."""
-        return evaluate_sends(self.store, calls, self.base)
+    def _answer_sends(
+        self, calls: list[tuple[Any, str, str | None, str | None]]
+    ) -> list[SendAnswer]:
+        """Requests ``(body, user, responseRef, responseUri)`` that arrived together, judged
+        one after the other in one transaction (a refused one stores nothing, as alone)."""
+        return evaluate_sends(
+            self.store,
+            [(body, user, ref) for body, user, ref, _ in calls],
+            self.base,
+            response_uris=[uri for *_, uri in calls],
+        )
 
     async def _process(self, ticket: _Ticket) -> None:
         """accepted → processing → completed; the async results appear at the end."""
@@ -403,7 +420,11 @@ class Sandbox:
             await asyncio.sleep(self.options.ticket_delay)
             ticket.events.append({**step, "time": now_iso()})
         ticket.done = True
-        self.results[ticket.async_id] = {**ticket.results, "lastUpdated": ticket.events[-1]["time"]}
+        if ticket.location:  # several recipients (one sent alone has its data on the ticket)
+            self.results[ticket.async_id] = {
+                **ticket.results,
+                "lastUpdated": ticket.events[-1]["time"],
+            }
 
     async def ticket(self, request: web.Request) -> web.Response:
         denied = self._ym_denied(request)
