@@ -458,6 +458,12 @@ def test_ondemand_profile_validation_error(store: Store, tmp_path: Any) -> None:
         {"email": "known@example.com", "profile": {"FIRST_NAME": ""}},
         {"email": "known@example.com", "profile": {"SHIP1": 12345}},
         {"email": "known@example.com", "profile": {"AGE": "x", "NOPE": 1}},
+        # beyond 64 bits: refused, not a crash building the column (JSON integers from 2**63
+        # to 2**64 - 1 parse as integers; larger ones as floats: "not an integer")
+        {"email": "known@example.com", "profile": {"AGE": 2**63}},
+        # values shown as the JSON they came as
+        {"email": "known@example.com", "profile": {"COLOR": ["red"], "VIP": None}},
+        {"email": "known@example.com", "profile": {"SHIP1": True}},
     ]
     assert call(cfg, store, recips) == [
         {"result": "PROFILE_VALIDATION_ERROR", "error": text, "message": m}
@@ -470,14 +476,22 @@ def test_ondemand_profile_validation_error(store: Store, tmp_path: Any) -> None:
             "AGE: 4.5 is not an integer",
             "VIP: 'yes' is not a boolean",
             "COLOR: 'blue' is not one of the lookup values",
-            "TAGS: ['z'] not among the lookup values",
+            'TAGS: ["z"] not among the lookup values',
             "FIRST_NAME: mandatory field has no value",
             # on-demand merge fields are text; a number is refused, not a crash
             "SHIP1: 12345 is not text",
             "AGE: 'x' is not an integer; "
             "NOPE: not a field of the list nor an on-demand merge field",
+            f"AGE: {2**63} is not an integer from {-(2**63)} to {2**63 - 1}",
+            'COLOR: ["red"] is not text',
+            "SHIP1: true is not text",
         )
     ]
+    # the largest 64-bit integers are numbers like any other
+    for age in (2**63 - 1, -(2**63)):
+        assert call(cfg, store, [{"email": "known@example.com", "profile": {"AGE": age}}]) == [
+            {"result": "SUCCESS"}
+        ]
     assert set(rows(store)) == {"known@example.com"}
     assert profile_of(store, "known@example.com") == {"FIRST_NAME": "K"}
 
@@ -1984,3 +1998,18 @@ def test_yesmail_400_forwarder_without_its_requirements(
     bad = send(store, [recipient], forwarder=forwarder, **flags)
     assert_400(bad, problem)
     assert ym(store, "x@example.com") == (None, set())
+
+
+def test_subscribe_a_number_beyond_64_bits_is_a_profile_error(store: Store) -> None:
+    """The integer a number field holds is 64-bit; a larger one is refused, not stored."""
+    cfg = sub_config()
+    big = 2**64 - 1
+    calls = [{**SHOP, "mSubscriber": {"email": "a@example.com", "profile": {**GOOD, "AGE": big}}}]
+    assert evaluate_subscribe(cfg, store, calls) == [
+        failed(
+            "PROFILE_VALIDATION_ERROR",
+            "Profile validation error",
+            details=[f"AGE: {big} is not an integer from {-(2**63)} to {2**63 - 1}"],
+        )
+    ]
+    assert rows(store) == {}

@@ -1128,3 +1128,32 @@ def test_a_one_recipient_ticket_moves_to_its_data_with_the_uri_parameters(setup:
         assert ticket["response"] == {"uri": hook, "ref": "PO 611", "data": data}
         assert re.fullmatch(r"\d{12}", data["messageId"])
         assert data["sentTime"] == ticket["lastUpdate"] == ticket["events"][-1]["time"]
+
+
+def test_a_call_the_engine_fails_on_fails_alone() -> None:
+    """Calls answered together: when the engine raises for the group, each is answered
+    alone, and only the one it fails on gets the error (a 500), not its neighbours."""
+    from pipeline.sandbox.server import _Aggregator
+
+    judged: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        judged.append(list(items))
+        if "bad" in items:
+            raise ValueError("cannot judge 'bad'")
+        return [f"ok {x}" for x in items]
+
+    async def engine(fn: Callable[[list[str]], list[str]], items: list[str]) -> list[str]:
+        return fn(items)
+
+    async def main() -> list[Any]:
+        agg: _Aggregator[str, str] = _Aggregator(run, engine)
+        return await asyncio.gather(
+            agg.submit(["a"]), agg.submit(["bad"]), agg.submit(["c", "d"]), return_exceptions=True
+        )
+
+    a, bad, cd = asyncio.run(main())
+    assert a == ["ok a"] and cd == ["ok c", "ok d"]
+    assert isinstance(bad, ValueError)
+    assert judged[0] == ["a", "bad", "c", "d"]  # together first, then each alone
+    assert judged[1:] == [["a"], ["bad"], ["c", "d"]]

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig, ProfileField
 from pipeline.emails import INVALID, MISSING, check_emails
+from pipeline.engine.subscribe import INT_MAX, INT_MIN, _type_problem
 from pipeline.errors import MaestroResult as R
 from pipeline.normalize import arrow_type
 from pipeline.payloads.jsonfrag import field as json_member
@@ -520,8 +521,6 @@ def _judge_profile(
 ) -> tuple[list[str], dict[str, Any]]:
     """One recipient's profile: its problems in the order of its members, and the
     values that have none."""
-    from pipeline.engine.subscribe import _type_problem
-
     problems: list[str] = []
     good: dict[str, Any] = {}
     for name, value in profile.items():
@@ -543,7 +542,7 @@ def _surely_of_type(spec: ProfileField) -> Callable[[Any], bool] | None:
     wrong with it (it may fail some that are fine: those are judged one by one); None for
     plain optional text, where the test is ``type(v) is str``."""
     if spec.type == "number":
-        return lambda v: type(v) is int
+        return lambda v: type(v) is int and INT_MIN <= v <= INT_MAX
     if spec.type == "boolean":
         return lambda v: v is True or v is False
     if spec.type == "multi-select":

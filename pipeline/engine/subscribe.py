@@ -95,26 +95,44 @@ def profile_problems(
     return stored, problems
 
 
+# a number field holds a 64-bit integer (what the store and Arrow columns keep)
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
 def _type_problem(spec: ProfileField, value: Any) -> str | None:
     if value is None:
         return "mandatory field has no value" if spec.mandatory else None
     if spec.type == "number":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"{value!r} is not an integer"
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{_shown(value)} is not an integer"
+        if not INT_MIN <= value <= INT_MAX:
+            return f"{value} is not an integer from {INT_MIN} to {INT_MAX}"
+        return None
     if spec.type == "boolean":
-        return None if isinstance(value, bool) else f"{value!r} is not a boolean"
+        return None if isinstance(value, bool) else f"{_shown(value)} is not a boolean"
     if spec.type == "multi-select":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return f"{value!r} is not a list of values"
+            return f"{_shown(value)} is not a list of values"
         unknown = [v for v in value if v not in spec.lookup]
-        return f"{unknown} not among the lookup values" if unknown else None
+        return f"{_shown(unknown)} not among the lookup values" if unknown else None
     if not isinstance(value, str):
-        return f"{value!r} is not text"
+        return f"{_shown(value)} is not text"
     if spec.type == "single-select" and value not in spec.lookup:
-        return f"{value!r} is not one of the lookup values"
+        return f"{_shown(value)} is not one of the lookup values"
     if spec.mandatory and not value.strip():
         return "mandatory field has no value"
     return None
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: text in single quotes, anything else as the JSON it came as
+    (``true``, ``["DE"]``, ``{"x":1}``; Python's repr would say True, ['DE'], {'x': 1})."""
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits
+        return str(value)
 
 
 def external_subscribe_url(base: str | None, lst: ListConfig, email: str) -> str:

@@ -128,9 +128,21 @@ class _Aggregator(Generic[T, R]):
                 try:
                     out: list[R] = await self.engine(self.run, flat)
                 except Exception as e:
-                    for _, fut in take:
-                        if not fut.done():
-                            fut.set_exception(e)
+                    if len(take) == 1:
+                        if not take[0][1].done():
+                            take[0][1].set_exception(e)
+                        continue
+                    # the engine's transaction was rolled back: each call again, alone, so
+                    # that only the one it fails on gets the error
+                    for items, fut in take:
+                        try:
+                            alone: list[R] = await self.engine(self.run, items)
+                        except Exception as err:
+                            if not fut.done():
+                                fut.set_exception(err)
+                        else:
+                            if not fut.done():
+                                fut.set_result(alone)
                     continue
                 pos = 0
                 for items, fut in take:
