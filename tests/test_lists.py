@@ -183,3 +183,82 @@ def test_the_api_refuses_and_expires_as_documented(tmp_path: Path, box: Any) -> 
     expired = box.lists._code(made, int(time.time()) - 1)
     with pytest.raises(Exception, match="expired"):
         box.lists.delete(made, expired)
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        (
+            {"custom_headers_enabled": True, "custom_headers": 123},
+            "custom_headers must be a string",
+        ),
+        ({"custom_headers": ["X-A: b"]}, "custom_headers must be a string"),
+        ({"d_sender_email": [1]}, "d_sender_email must be a string"),
+        ({"d_bounce_email": 5}, "d_bounce_email must be a string"),
+        ({"d_autowinner_metric": 5}, "d_autowinner_metric must be a string"),
+        ({"d_autowinner_delay_amount": "ten"}, "d_autowinner_delay_amount must be an integer"),
+        ({"primary_key_custom_field_id": "abc"}, "primary_key_custom_field_id must be an integer"),
+        ({"d_seed_list_ids": ["x", {"a": 1}]}, "d_seed_list_ids must be an array of integers"),
+        ({"d_seed_list_names": [1, None]}, "d_seed_list_names must be an array of strings"),
+        ({"preview_custom_field_data": [1]}, "preview_custom_field_data must be a hash"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_in_the_envelope(
+    box: Any, given: dict[str, Any], problem: str
+) -> None:
+    """004 gives each key's type: a value of another is a 400 in the documented envelope
+    (a non-string custom_headers was a 500), on create and on update alike."""
+    from pipeline.sandbox.inboxfirst import Refused
+
+    base = {"name": "A", "d_from_email": "a@x.com"}
+    with pytest.raises(Refused) as refused:
+        box.lists.create({"mailing_list": {**base, **given}})
+    assert refused.value.message == problem and refused.value.status == 400
+    made = box.lists.create({"mailing_list": base})["id"]
+    with pytest.raises(Refused) as refused:
+        box.lists.update(made, {"mailing_list": given})
+    assert refused.value.message == problem
+
+
+def test_preview_custom_field_data_is_merged_and_huge_ids_are_not_found(box: Any) -> None:
+    url = f"{box.base}/ga/api/v2/mailing_lists"
+    token = base64.b64encode(f"{box.creds.inboxfirst_user}:{box.creds.inboxfirst_key}".encode())
+    auth = {"Authorization": "Basic " + token.decode()}
+    first = {"name": "First", "type": "text", "value": "Bob"}
+    last = {"name": "Last", "type": "text", "value": "X"}
+
+    async def go() -> list[tuple[int, Any]]:
+        out = []
+        async with aiohttp.ClientSession(headers=auth) as s:
+            body = {
+                "mailing_list": {
+                    "name": "A",
+                    "d_from_email": "a@x.com",
+                    "preview_custom_field_data": {"First": first, "Last": last},
+                }
+            }
+            async with s.post(url, json=body) as r:
+                made = (await r.json())["data"]["id"]
+            alice = {**first, "value": "Alice"}
+            update = {"mailing_list": {"preview_custom_field_data": {"First": alice}}}
+            async with s.put(f"{url}/{made}", json=update) as r:
+                out.append((r.status, await r.json()))
+            huge = 99999999999999999999999
+            for method, path in (
+                ("PUT", f"{url}/{huge}"),
+                ("GET", f"{url}/{huge}/delete_confirmation_code"),
+                ("DELETE", f"{url}/{huge}/confirmed/x:1"),
+            ):
+                async with s.request(method, path, json=update) as r:
+                    out.append((r.status, await r.json()))
+        return out
+
+    updated, *huge = asyncio.run(go())
+    # "the custom fields provided … are merged in with the existing" (004)
+    assert updated[0] == 200
+    assert updated[1]["data"]["preview_custom_field_data"] == {
+        "First": {**first, "value": "Alice"},
+        "Last": last,
+    }
+    for status, doc in huge:  # was a 500 (an integer SQLite cannot hold)
+        assert status == 404 and doc["success"] is False and "not found" in doc["error_message"]

@@ -71,7 +71,21 @@ _DEFAULTS: dict[str, Any] = {
     "database_connection_id": None,
     "database_connection_name": None,
 }
-_STRINGS = ("name", "d_from_email", "d_from_name", "d_reply_to", "d_virtual_mta", "d_url_domain")
+# the record's keys by the type 004 gives them (database_connection_name, documented as
+# "Integer" with the example "My SQL Server", is left unchecked)
+_STRINGS = (
+    "name",
+    "d_from_email",
+    "d_from_name",
+    "d_reply_to",
+    "d_virtual_mta",
+    "d_url_domain",
+    "d_sender_email",
+    "d_bounce_email",
+    "d_autowinner_metric",
+    "custom_headers",
+)
+_INTEGERS = ("d_autowinner_delay_amount", "primary_key_custom_field_id", "database_connection_id")
 _BOOLS = (
     "d_autowinner_enabled",
     "has_format",
@@ -112,6 +126,11 @@ def _percentage(value: Any) -> str | None:
     return text if isinstance(value, str) else f"{dec:.1f}" if exponent == 0 else text
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer an id column holds (not a boolean, at most 64 bits)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+
+
 def _apply(record: dict[str, Any], given: Any) -> dict[str, Any]:
     """The record after ``mailing_list`` values, or :class:`Refused`."""
     if not isinstance(given, dict):
@@ -121,8 +140,11 @@ def _apply(record: dict[str, Any], given: Any) -> dict[str, Any]:
     out = dict(record)
     for key, value in given.items():
         if key in ("d_seed_list_ids", "d_seed_list_names"):
-            if not isinstance(value, list):
-                raise Refused(f"{key} must be an array")
+            of_ids = key == "d_seed_list_ids"
+            if not isinstance(value, list) or not all(
+                _is_int(v) if of_ids else isinstance(v, str) for v in value
+            ):
+                raise Refused(f"{key} must be an array of {'integers' if of_ids else 'strings'}")
             out["d_seed_lists"] = [
                 {"id": v, "name": f"Seed list {v}"}
                 if key == "d_seed_list_ids"
@@ -131,6 +153,11 @@ def _apply(record: dict[str, Any], given: Any) -> dict[str, Any]:
             ]
         elif key == "d_autowinner_percentage":
             out[key] = _percentage(value)
+        elif key == "preview_custom_field_data":
+            # "the custom fields provided … are merged in with the existing" (004)
+            if not isinstance(value, dict):
+                raise Refused("preview_custom_field_data must be a hash")
+            out[key] = {**(out.get(key) or {}), **value}
         elif key in _DEFAULTS and key != "d_seed_lists":
             out[key] = value
     for key in ("name", "d_from_email"):
@@ -142,8 +169,11 @@ def _apply(record: dict[str, Any], given: Any) -> dict[str, Any]:
     for key in _BOOLS:
         if not isinstance(out.get(key), bool):
             raise Refused(f"{key} must be true or false")
-    if isinstance(out["d_speed"], bool) or not isinstance(out["d_speed"], int):
+    if not _is_int(out["d_speed"]):
         raise Refused("d_speed must be an integer")
+    for key in _INTEGERS:
+        if out.get(key) is not None and not _is_int(out[key]):
+            raise Refused(f"{key} must be an integer")
     if out["d_autowinner_delay_unit"] not in (None, *_UNITS):
         raise Refused("d_autowinner_delay_unit must be minutes, hours or days")
     if out["custom_headers_enabled"] and not (out.get("custom_headers") or "").strip():
@@ -167,6 +197,8 @@ class MailingLists:
         return [{**orjson.loads(r.record), "id": r.id} for r in rows]
 
     def _get(self, conn: Any, list_id: int) -> dict[str, Any]:
+        if not 0 < list_id < 2**63:  # no such list (nor a key SQLite could compare)
+            raise Refused(f"mailing list {list_id} not found", 404)
         row = conn.execute(
             sa.select(mailing_lists).where(
                 mailing_lists.c.id == list_id, mailing_lists.c.deleted.is_(False)
