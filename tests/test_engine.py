@@ -244,9 +244,12 @@ def test_ondemand_no_recipients(store: Store) -> None:
 def test_ondemand_mail_job_not_found(store: Store) -> None:
     cfg = od_config({"mail_jobs": {"some-other-job": "authorized"}})
     expected = {"result": "MAIL_JOB_NOT_FOUND", "error": "Mail job not found"}
-    # a request-level error is one object, even for an array of recipients
+    # one object for one recipient; for an array, the error for each recipient, in order
+    # (000_…: "processes each of the supplied recipients one by one exactly in the same
+    # way single recipients are processed. The result … is also a JSON array")
     assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
-    assert call(cfg, store, [{"email": "a@example.com"}, {"email": "b@example.com"}]) == expected
+    two = [{"email": "a@example.com"}, {"email": "b@example.com"}]
+    assert call(cfg, store, two) == [expected, expected]
     # the job's own mail_job name is what is looked up
     cfg = od_config({"mail_jobs": {"MJ-7": "authorized"}}, mail_job="MJ-7")
     assert call(cfg, store, {"email": "a@example.com", "profile": {"FIRST_NAME": "A"}, **ADD}) == OK
@@ -256,7 +259,7 @@ def test_ondemand_illegal_job_state(store: Store) -> None:
     cfg = od_config({"mail_jobs": {"confirm": "not-authorized"}})
     expected = {"result": "ILLEGAL_JOB_STATE", "error": "Illegal mail job state"}
     assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
-    assert call(cfg, store, [{"email": "a@example.com"}]) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}]) == [expected]
     assert rows(store) == {}
 
 
@@ -264,7 +267,7 @@ def test_ondemand_trigger_closed(store: Store) -> None:
     cfg = od_config({"mail_jobs": {"confirm": "closed"}})
     expected = {"result": "TRIGGER_CLOSED", "error": "Trigger closed"}
     assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
-    assert call(cfg, store, [{"email": "a@example.com"}]) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}]) == [expected]
     # authorized: the same call goes through
     cfg = od_config({"mail_jobs": {"confirm": "authorized"}})
     assert call(cfg, store, {"email": "a@example.com", "profile": {"FIRST_NAME": "A"}, **ADD}) == OK
@@ -274,14 +277,15 @@ def test_ondemand_dataset_not_found(store: Store) -> None:
     cfg = od_config({"missing_datasets": ["shop"]})
     expected = {"result": "DATASET_NOT_FOUND", "error": "Dataset not found"}
     assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
-    assert call(cfg, store, [{"email": "a@example.com"}, {"email": "b@example.com"}]) == expected
+    two = [{"email": "a@example.com"}, {"email": "b@example.com"}]
+    assert call(cfg, store, two) == [expected, expected]
 
 
 def test_ondemand_hosted_list_not_found(store: Store) -> None:
     cfg = od_config({"missing_lists": ["shop"]})
     expected = {"result": "HOSTED_LIST_NOT_FOUND", "error": "Subscriber list not found"}
     assert call(cfg, store, {"email": "a@example.com", **ADD}) == expected
-    assert call(cfg, store, [{"email": "a@example.com"}]) == expected
+    assert call(cfg, store, [{"email": "a@example.com"}]) == [expected]
 
 
 @pytest.mark.parametrize(
@@ -825,7 +829,8 @@ def test_evaluate_ondemand_request_error_answers_every_recipient(store: Store) -
     answer = evaluate_ondemand(cfg, plan, store, rc)
     assert answer.request_error is MaestroResult.TRIGGER_CLOSED
     assert answer.result == [MaestroResult.TRIGGER_CLOSED] * 2
-    assert answer.response_json() == b'{"result":"TRIGGER_CLOSED","error":"Trigger closed"}'
+    one = b'{"result":"TRIGGER_CLOSED","error":"Trigger closed"}'
+    assert answer.response_json() == b"[" + one + b"," + one + b"]"
 
 
 # == maestro-subscribe ===============================================================

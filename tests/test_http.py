@@ -1157,3 +1157,54 @@ def test_a_call_the_engine_fails_on_fails_alone() -> None:
     assert isinstance(bad, ValueError)
     assert judged[0] == ["a", "bad", "c", "d"]  # together first, then each alone
     assert judged[1:] == [["a"], ["bad"], ["c", "d"]]
+
+
+def test_the_sandbox_refuses_bytes_that_are_not_utf8_and_answers_arrays(setup: Setup) -> None:
+    """Percent-escapes that are not UTF-8 are refused (PARSE_ERROR; subscribe:
+    PARAMETER_VALIDATION_ERROR), not stored with U+FFFD in their place; an escaped U+FFFD
+    is text like any other. A refused job answers an array ``recip`` with an array."""
+    cfg = load_config(setup.config("sandbox"), env={})
+    with running_sandbox(cfg) as box:
+        trigger = f"{box.base}/trigger/confirm?token={box.creds.token('confirm')}&recip="
+
+        def get(url: str) -> Any:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert resp.status == 200
+                return orjson.loads(resp.read())
+
+        latin1 = "%7B%22email%22%3A%22y%FF%40example.com%22%2C%22ifNotExistsAddAndSend%22%3Atrue%7D"
+        assert get(trigger + latin1) == {
+            "result": "PARSE_ERROR",
+            "error": "Parse error in JSON data",
+            "message": "The recip parameter is not URL-encoded UTF-8",
+        }
+        subscribe = (
+            f"{box.base}/list/action/addSubscriberExternally.do?mContainer=2&mOwner=N10"
+            "&mListId=HL%2312&mSubscriber=%7B%22email%22%3A%22x%E9%40example.com%22%7D"
+        )
+        assert get(subscribe) == {
+            "result": "FAILED",
+            "reason": {
+                "type": "PARAMETER_VALIDATION_ERROR",
+                "message": "The mSubscriber parameter is not URL-encoded UTF-8",
+            },
+        }
+        fffd = orjson.dumps(
+            {
+                "email": "z@example.com",
+                "ifNotExistsAddAndSend": True,
+                "profile": {"FIRST_NAME": "\ufffd"},
+            }
+        ).decode()
+        assert get(trigger + _quote(fffd)) == {"result": "SUCCESS"}
+        with box.store.begin() as conn:
+            found = box.store.subscribers_of(
+                conn, ["shop"], ["z@example.com", "y\ufffd@example.com"]
+            )
+        assert list(found) == [("shop", "z@example.com")]
+        assert orjson.loads(found[("shop", "z@example.com")]["profile"]) == {"FIRST_NAME": "\ufffd"}
+
+        box.store.sync_mail_jobs({"confirm": "closed"})
+        two = orjson.dumps([{"email": "a@example.com"}, {"email": "b@example.com"}]).decode()
+        closed = {"result": "TRIGGER_CLOSED", "error": "Trigger closed"}
+        assert get(trigger + _quote(two)) == [closed, closed]

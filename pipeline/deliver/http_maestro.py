@@ -3,7 +3,9 @@
 On-demand (``000_…``): one GET per batch, the trigger URL plus
 ``recip=<URL-encoded JSON array>``; the status is 200 even when recipients
 fail, so the body decides: an array of ``{"result":…}`` objects in recipient
-order, or one object for the whole call (``MAIL_JOB_NOT_FOUND``, …). A body
+order (a job the platform refuses answers each recipient with its error), or
+one object for the whole call (``PARSE_ERROR``, ``NO_RECIPIENTS``; taken for
+every recipient, whatever its code). A body
 that is not that documented JSON fails the batch's rows with
 ``INTERNAL_ERROR`` and the raw body (truncated) in ``message``.
 

@@ -125,9 +125,10 @@ class SimulateBackend:
         now = now_iso()
         recs = rows.column("_rec").combine_chunks()
         if answer.request_error is not None:
-            body = orjson.dumps(answer.request_error.response())
-            for bid in chunk.ids():
-                files.add(bid, "response", body)
+            # the platform answers each recipient of the call with the job's error
+            one = orjson.dumps(answer.request_error.response())
+            for bid, size in zip(chunk.ids(), chunk.sizes().tolist()):
+                files.add(bid, "response", b"[" + b",".join([one] * size) + b"]")
             err = answer.request_error
             return outcome_table(
                 recs,

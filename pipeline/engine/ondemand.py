@@ -97,9 +97,10 @@ class OnDemandAnswer:
         return [code.response(msg) for code, msg in zip(self.result, self.message)]
 
     def response_json(self) -> bytes:
-        """The HTTP body Maestro would send for the call: an array, or one object."""
-        if self.request_error is not None:
-            return orjson.dumps(self.request_error.response())
+        """The HTTP body Maestro would send for an array ``recip``: one object a recipient,
+        in order — a call the job refuses (``TRIGGER_CLOSED``, …) included, since 000_…
+        processes "each of the supplied recipients one by one exactly in the same way
+        single recipients are processed"."""
         return orjson.dumps(self.bodies())
 
 
@@ -563,7 +564,9 @@ def _arrow_type(plan: JobPlan, name: str) -> pa.DataType:
 
 
 def answer_recip(cfg: MailpipeConfig, plan: JobPlan, store: Store, recip: str | None) -> bytes:
-    """The body Maestro answers for a trigger URL's ``recip`` parameter (text as received)."""
+    """The body Maestro answers for a trigger URL's ``recip`` parameter (text as received):
+    one object for one recipient, an array for an array; ``PARSE_ERROR`` and
+    ``NO_RECIPIENTS`` (no recipient to answer for) one object."""
     if recip is None or not recip.strip():
         return orjson.dumps(R.NO_RECIPIENTS.response())
     try:
@@ -575,7 +578,5 @@ def answer_recip(cfg: MailpipeConfig, plan: JobPlan, store: Store, recip: str | 
     if not objs:
         return orjson.dumps(R.NO_RECIPIENTS.response())
     answer = evaluate_ondemand(cfg, plan, store, columns_from_objects(objs, plan))
-    if answer.request_error is not None:
-        return orjson.dumps(answer.request_error.response())
-    bodies = answer.bodies()
+    bodies = answer.bodies()  # a refused call: its error for each recipient
     return orjson.dumps(bodies[0] if single else bodies)

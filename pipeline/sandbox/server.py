@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import web
@@ -51,7 +52,7 @@ from pipeline.config import JobPlan, MailpipeConfig
 from pipeline.engine.ondemand import columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
 from pipeline.engine.yesmail import SendAnswer, evaluate_sends, ticket_document
-from pipeline.errors import MaestroResult, YesmailStatus
+from pipeline.errors import MaestroResult, SubscribeFailure, YesmailStatus
 from pipeline.payloads.maestro_subscribe import SUBSCRIBE_PATH
 from pipeline.payloads.yesmail import SEND_PATH
 from pipeline.rundir import now_iso
@@ -192,6 +193,32 @@ class _Ticket:
         )
 
 
+# a query parameter whose percent-escapes are not UTF-8 (aiohttp's ``request.query`` would
+# put U+FFFD in their place and the call would go on with changed data)
+_NOT_UTF8 = "\x00not-utf8"
+_NOT_UTF8_TEXT = "The {} parameter is not URL-encoded UTF-8"
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    """The query's parameters, the first value of each (as a servlet's getParameter);
+    one whose escapes are not UTF-8 is :data:`_NOT_UTF8`. Read through aiohttp's
+    (compiled) parser; only a value holding U+FFFD is decoded again, strictly."""
+    out = {name: request.query[name] for name in request.query}
+    if any("\ufffd" in v for v in out.values()):
+        seen: set[str] = set()
+        for part in request.rel_url.raw_query_string.split("&"):
+            name, _, value = part.partition("=")
+            name = unquote_plus(name, errors="replace")
+            if name in seen or "\ufffd" not in out.get(name, ""):
+                continue
+            seen.add(name)
+            try:
+                out[name] = unquote_plus(value, errors="strict")
+            except UnicodeDecodeError:
+                out[name] = _NOT_UTF8
+    return out
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
@@ -224,7 +251,7 @@ class Sandbox:
         self.requests: collections.Counter[str] = collections.Counter()
         self.tickets: collections.OrderedDict[str, _Ticket] = collections.OrderedDict()
         self.results: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
-        self._ondemand: dict[str, _Aggregator[Any, tuple[dict[str, Any], bool]]] = {}
+        self._ondemand: dict[str, _Aggregator[Any, dict[str, Any]]] = {}
         self._subscribe: _Aggregator[dict[str, Any], dict[str, Any]] | None = None
         self._sends: _Aggregator[tuple[Any, str, str | None, str | None], SendAnswer] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -330,10 +357,13 @@ class Sandbox:
         plan = self.plans.get(job)
         if plan is None:
             return web.Response(status=404, text=f"No on-demand mail job trigger {job!r}\n")
-        token = request.query.get("token", "")
+        query = _query(request)
+        token = query.get("token") or ""
         if not hmac.compare_digest(token.encode(), self.creds.token(job).encode()):
             return web.Response(status=401, text="Invalid security token for this trigger\n")
-        recip = request.query.get("recip")
+        recip = query.get("recip")
+        if recip is _NOT_UTF8:
+            return _json(MaestroResult.PARSE_ERROR.response(_NOT_UTF8_TEXT.format("recip")))
         if recip is None or not recip.strip():
             return _json(MaestroResult.NO_RECIPIENTS.response())
         try:
@@ -349,21 +379,22 @@ class Sandbox:
             agg = self._ondemand[job] = _Aggregator(
                 functools.partial(self._answer_recip, plan), self._engine
             )
-        answers = await agg.submit(objs)
-        if answers[0][1]:  # the call itself was refused: one object
-            return _json(answers[0][0])
-        return _json(answers[0][0] if single else [body for body, _ in answers])
+        answers = await agg.submit(objs)  # a refused call: its error for each recipient
+        return _json(answers[0] if single else answers)
 
-    def _answer_recip(self, plan: JobPlan, objs: list[Any]) -> list[tuple[dict[str, Any], bool]]:
+    def _answer_recip(self, plan: JobPlan, objs: list[Any]) -> list[dict[str, Any]]:
         """Recipients of consecutive calls, judged one after the other (engine thread)."""
         answer = evaluate_ondemand(self.cfg, plan, self.store, columns_from_objects(objs, plan))
-        if answer.request_error is not None:
-            return [(answer.request_error.response(), True)] * len(objs)
-        return [(body, False) for body in answer.bodies()]
+        return answer.bodies()
 
     async def subscribe(self, request: web.Request) -> web.Response:
-        q = request.query
-        call = {p: q.get(p) for p in ("mContainer", "mOwner", "mListId", "mSubscriber")}
+        q = _query(request)
+        names = ("mContainer", "mOwner", "mListId", "mSubscriber")
+        bad = [p for p in names if q.get(p) is _NOT_UTF8]
+        if bad:  # 002_…: an error related to the URL parameters
+            failure = SubscribeFailure.PARAMETER_VALIDATION_ERROR
+            return _json(failure.response(_NOT_UTF8_TEXT.format(bad[0])))
+        call = {p: q.get(p) for p in names}
         if self._subscribe is None:
             self._subscribe = _Aggregator(self._answer_subscribe, self._engine)
         [answer] = await self._subscribe.submit([call])
