@@ -2018,3 +2018,20 @@ def test_subscribe_a_number_beyond_64_bits_is_a_profile_error(store: Store) -> N
         )
     ]
     assert rows(store) == {}
+
+
+def test_subscribe_email_or_password_of_the_wrong_type_is_a_parameter_error(
+    store: Store,
+) -> None:
+    """{"email": 5} is there but not an address (not "missing"); a password that is not
+    a string is refused rather than dropped (which would leave the default password)."""
+    cfg = sub_config()
+    calls = [
+        {**SHOP, "mSubscriber": {"email": 5, "profile": GOOD}},
+        {**SHOP, "mSubscriber": {"email": "p@example.com", "profile": GOOD, "password": 12345}},
+    ]
+    assert evaluate_subscribe(cfg, store, calls) == [
+        failed("PARAMETER_VALIDATION_ERROR", "Invalid email address: 5"),
+        failed("PARAMETER_VALIDATION_ERROR", "password must be a JSON string, not 12345"),
+    ]
+    assert rows(store) == {}

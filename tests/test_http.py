@@ -1208,3 +1208,20 @@ def test_the_sandbox_refuses_bytes_that_are_not_utf8_and_answers_arrays(setup: S
         two = orjson.dumps([{"email": "a@example.com"}, {"email": "b@example.com"}]).decode()
         closed = {"result": "TRIGGER_CLOSED", "error": "Trigger closed"}
         assert get(trigger + _quote(two)) == [closed, closed]
+
+
+def test_the_external_subscribe_url_leads_to_a_page(setup: Setup) -> None:
+    """AUTHENTICATION_REQUIRED's externalSubscribeURL is served (it was a 404)."""
+    cfg = load_config(setup.config("sandbox"), env={})
+    with running_sandbox(cfg) as box:
+        url = (
+            f"{box.base}/list/subscribe.html?mContainer=2&mOwner=N10&mListId=HL%2312"
+            "&email=a%3Cb%40example.com"
+        )
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+            page = resp.read().decode()
+        assert "Subscribe to Shop" in page and "a&lt;b@example.com" in page
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(url.replace("HL%2312", "NOPE"), timeout=10)
+        assert missing.value.code == 404

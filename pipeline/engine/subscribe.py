@@ -218,10 +218,19 @@ def _judge(
     writes: list[dict[str, Any]],
 ) -> dict[str, Any]:
     # the subscriber data is a parameter: it is validated before the list's status
+    given = sub.get("email")
+    if given is not None and not isinstance(given, str):  # {"email": 5}: there, but not text
+        return F.PARAMETER_VALIDATION_ERROR.response(f"Invalid email address: {_shown(given)}")
     if problem == "MISSING_EMAIL":
         return F.PARAMETER_VALIDATION_ERROR.response("Missing email address")
     if problem == "INVALID_EMAIL" or email is None:
-        return F.PARAMETER_VALIDATION_ERROR.response(f"Invalid email address: {sub.get('email')}")
+        return F.PARAMETER_VALIDATION_ERROR.response(f"Invalid email address: {given}")
+    password = sub.get("password")
+    if password is not None and not isinstance(password, str):
+        # 002_…: "The Maestro login password"; dropping it would leave the default one
+        return F.PARAMETER_VALIDATION_ERROR.response(
+            f"password must be a JSON string, not {_shown(password)}"
+        )
     # 002_…: "SUBSCRIBE_NOT_POSSIBLE: Indicates that a subscribe to the selected list
     # is not possible because of the current list status (e.g. list definition is
     # incomplete, subscribes are not allowed, ...)": the list exists but is not open.
@@ -246,7 +255,6 @@ def _judge(
     stored, details = profile_problems(lst.fields, sub.get("profile"))
     if details:
         return F.PROFILE_VALIDATION_ERROR.response("Profile validation error", details)
-    password = sub.get("password")
     entry = {
         "list": name,
         "email_key": key,

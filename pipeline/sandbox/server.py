@@ -36,6 +36,7 @@ import collections
 import functools
 import gc
 import hmac
+import html
 import random
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -268,6 +269,7 @@ class Sandbox:
         )
         app.router.add_get("/trigger/{job}", self.trigger, name="trigger")
         app.router.add_get(SUBSCRIBE_PATH, self.subscribe, name="subscribe")
+        app.router.add_get("/list/subscribe.html", self.subscribe_page, name="subscribe_page")
         app.router.add_post(SEND_PATH, self.send, name="send")
         app.router.add_get("/v2/tickets/{id}", self.ticket, name="ticket")
         app.router.add_get("/v2/async-results/{id}", self.async_results, name="async_results")
@@ -399,6 +401,32 @@ class Sandbox:
             self._subscribe = _Aggregator(self._answer_subscribe, self._engine)
         [answer] = await self._subscribe.submit([call])
         return _json(answer)
+
+    async def subscribe_page(self, request: web.Request) -> web.Response:
+        """Where AUTHENTICATION_REQUIRED's ``externalSubscribeURL`` leads: 002_… says it
+        "yields the same page in Maestro that is designed for this specific situation";
+        the sandbox's stand-in says what that page would ask for."""
+        q = request.query
+        lst = next(
+            (
+                c
+                for c in self.cfg.lists.values()
+                if (c.mContainer, c.mOwner, c.mListId)
+                == (q.get("mContainer"), q.get("mOwner"), q.get("mListId"))
+            ),
+            None,
+        )
+        if lst is None:
+            return web.Response(status=404, text="No such list\n")
+        email = html.escape(q.get("email", ""))
+        page = (
+            f"<!doctype html><title>Subscribe to {html.escape(lst.name)}</title>"
+            f"<h1>Subscribe to {html.escape(lst.name)}</h1>"
+            f"<p>{email} is already a member of the list group "
+            f"{html.escape(lst.group or '')}: log in with its password to subscribe "
+            "(mailpipe sandbox: the page the platform shows here).</p>"
+        )
+        return web.Response(text=page, content_type="text/html")
 
     def _answer_subscribe(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return evaluate_subscribe(self.cfg, self.store, calls, self.base)
