@@ -45,11 +45,13 @@ PY = sys.executable
 MAILPIPE = [PY, "-m", "pipeline.cli"]
 
 
-# ext4 without a journal (this machine's disk) skips every inode freed in the last ~35 s
-# when it allocates one, checking each: 44,000 files took 5.9 s of kernel time right after
-# 44,000 others were deleted, 0.3 s on a quiet disk. So no contender's files are deleted
-# before the last one has run, and a leftover tree is given this long to age.
-FREED_INODES_AGE_S = 40
+# ext4 without a journal (this machine's disk) does not reuse an inode freed in the last
+# 60 s (the kernel's RECENTCY_MIN; 5 minutes more while its inode-table block is still
+# dirty, hence the sync first), checking each one it passes: creating 44,000 files of 300
+# bytes took 15.5 s 1 s after 44,000 others were deleted and synced, 5.4 s 31 s after,
+# 1.4-1.8 s from 46 s on. So no contender's files are deleted before the last one has
+# run, and a leftover tree is given this long to age.
+FREED_INODES_AGE_S = 65
 # The disk is virtual: after `sync` returns, the host still absorbs what was written, and
 # for ~10 s the guest's own page-cache writes cost several times their usual kernel time
 # (the build's 505 MB: 0.54-0.78 s of sys 15 s after the last run, 1.3-1.6 s 3 s after,
