@@ -262,3 +262,31 @@ def test_preview_custom_field_data_is_merged_and_huge_ids_are_not_found(box: Any
     }
     for status, doc in huge:  # was a 500 (an integer SQLite cannot hold)
         assert status == 404 and doc["success"] is False and "not found" in doc["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("given", "returned"),
+    [("1e1", "10.0"), (" 25 ", "25.0"), (25, "25.0"), (94.85, "94.85"), ("7.50", "7.5")],
+)
+def test_the_percentage_comes_back_as_a_decimal_string(box: Any, given: Any, returned: str) -> None:
+    """004: d_autowinner_percentage "is returned as a string" ("25.0"): in decimal
+    notation, whatever notation it was sent in (it was echoed: "1e1", " 25 ")."""
+    base = {"name": "A", "d_from_email": "a@x.com"}
+    made = box.lists.create({"mailing_list": {**base, "d_autowinner_percentage": given}})
+    assert made["d_autowinner_percentage"] == returned
+
+
+@pytest.mark.parametrize("given", [-5, 150, 1e300, "NaN"])
+def test_a_percentage_out_of_range_is_refused(box: Any, given: Any) -> None:
+    from pipeline.sandbox.inboxfirst import Refused
+
+    with pytest.raises(Refused):
+        box.lists.create(
+            {
+                "mailing_list": {
+                    "name": "A",
+                    "d_from_email": "a@x.com",
+                    "d_autowinner_percentage": given,
+                }
+            }
+        )

@@ -120,10 +120,16 @@ def _percentage(value: Any) -> str | None:
         dec = Decimal(text)
     except InvalidOperation:
         raise Refused(f"d_autowinner_percentage {text!r} is not a number") from None
+    if not dec.is_finite():
+        raise Refused(f"d_autowinner_percentage {text!r} is not a number")
+    if not 0 <= dec <= 100:
+        raise Refused(f"d_autowinner_percentage {text!r} is not a percentage (0 to 100)")
     exponent = dec.as_tuple().exponent
-    if not dec.is_finite() or (isinstance(exponent, int) and exponent < -2):
+    if isinstance(exponent, int) and exponent < -2:
         raise Refused(f"d_autowinner_percentage {text!r} has more than two decimals")
-    return text if isinstance(value, str) else f"{dec:.1f}" if exponent == 0 else text
+    # returned "as a string" in decimal notation, as 004 shows it ("25.0", "94.85")
+    fixed = dec.quantize(Decimal("0.01")).normalize()
+    return f"{fixed:.1f}" if fixed == fixed.to_integral_value() else f"{fixed:f}"
 
 
 def _is_int(value: Any) -> bool:
