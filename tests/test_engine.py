@@ -2035,3 +2035,21 @@ def test_subscribe_email_or_password_of_the_wrong_type_is_a_parameter_error(
         failed("PARAMETER_VALIDATION_ERROR", "password must be a JSON string, not 12345"),
     ]
     assert rows(store) == {}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ({}, "content.templateId is mandatory"),
+        ({"templateId": ""}, "content.templateId is mandatory"),
+        ({"templateId": [1]}, "content.templateId must be a template's id (a string)"),
+        ({"templateId": {"id": 1}}, "content.templateId must be a template's id (a string)"),
+        ({"templateId": True}, "content.templateId must be a template's id (a string)"),
+    ],
+)
+def test_yesmail_400_without_a_template_id(
+    store: Store, content: dict[str, Any], problem: str
+) -> None:
+    body = {"content": content, "recipients": [{"email": "x@example.com", "id": "x"}]}
+    assert_400(evaluate_send(store, body, "u", None), problem)
+    assert ym(store, "x@example.com") == (None, set())

@@ -441,6 +441,9 @@ def _shape_problem(body: Any) -> str | None:
     content = body.get("content")
     if not isinstance(content, dict) or not content.get("templateId"):
         return "content.templateId is mandatory"
+    template = content["templateId"]
+    if isinstance(template, bool) or not isinstance(template, (str, int)):
+        return "content.templateId must be a template's id (a string)"
     for flag in ("transactional", "updateProfile"):
         if flag in body and not isinstance(body[flag], bool):
             return f"{flag} must be true or false"
