@@ -1225,3 +1225,57 @@ def test_the_external_subscribe_url_leads_to_a_page(setup: Setup) -> None:
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(url.replace("HL%2312", "NOPE"), timeout=10)
         assert missing.value.code == 404
+
+
+def test_the_final_ticket_is_posted_to_the_response_uri(setup: Setup) -> None:
+    """003_…'s responseUri: the sandbox posts the completed ticket there, once."""
+    import http.server
+    import threading
+
+    got: list[tuple[str, bytes]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            got.append((self.path, self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        cfg = load_config(setup.config("sandbox"), env={})
+        with running_sandbox(cfg) as box:
+            headers = {"Api-User": box.creds.api_user, "Api-Key": box.creds.api_key}
+            uri = f"http://127.0.0.1:{hook.server_address[1]}/hook?x=1"
+            body = {
+                "content": {"templateId": "1465362"},
+                "recipients": [
+                    {"email": "a@example.com", "id": "a"},
+                    {"email": "b@example.com", "id": "b"},
+                ],
+            }
+            req = urllib.request.Request(
+                f"{box.base}/v2/emails/send?responseRef=R1&responseUri={_quote(uri)}",
+                data=orjson.dumps(body),
+                headers={**headers, "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                ticket_id = orjson.loads(resp.read())["id"]
+            ticket = box.tickets[ticket_id]
+            for _ in range(500):  # posted once the ticket completed, its answer read
+                if ticket.posted is not None:
+                    break
+                time.sleep(0.01)
+            assert ticket.posted == 204
+    finally:
+        hook.shutdown()
+    [(path, posted)] = got
+    assert path == "/hook?x=1"
+    doc = orjson.loads(posted)
+    assert doc["id"] == ticket_id and doc["state"] == "completed"
+    assert doc["response"]["uri"] == uri and doc["response"]["ref"] == "R1"
+    assert doc["response"]["location"].startswith(f"{box.base}/v2/async-results/")

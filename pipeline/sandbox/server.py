@@ -38,6 +38,7 @@ import gc
 import hmac
 import html
 import random
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import unquote_plus
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -172,6 +174,7 @@ class _Ticket:
         self.results = answer.async_results or {}
         self.events = [self.steps[0]]
         self.done = False
+        self.posted: int | None = None  # the responseUri's HTTP status, once posted
 
     @property
     def async_id(self) -> str:
@@ -256,6 +259,7 @@ class Sandbox:
         self._subscribe: _Aggregator[dict[str, Any], dict[str, Any]] | None = None
         self._sends: _Aggregator[tuple[Any, str, str | None, str | None], SendAnswer] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._client: aiohttp.ClientSession | None = None  # posts to responseUri
         self._runner: web.AppRunner | None = None
 
     # -- running ---------------------------------------------------------------------
@@ -303,6 +307,8 @@ class Sandbox:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._client is not None:
+            await self._client.close()
         if self._runner is not None:
             await self._runner.cleanup()
         self.checkpointer.stop()
@@ -491,11 +497,34 @@ class Sandbox:
             await asyncio.sleep(self.options.ticket_delay)
             ticket.events.append({**step, "time": now_iso()})
         ticket.done = True
+        if ticket.response_uri:
+            self._later(self._post_status(ticket))
         if ticket.location:  # several recipients (one sent alone has its data on the ticket)
             self.results[ticket.async_id] = {
                 **ticket.results,
                 "lastUpdated": ticket.events[-1]["time"],
             }
+
+    async def _post_status(self, ticket: _Ticket) -> None:
+        """003_…'s ``responseUri``: "a customer-specified URI where Yesmail's service can
+        post the final status of the request" — the completed ticket, POSTed once (a
+        failure is told on stderr; nothing retries it)."""
+        uri = ticket.response_uri or ""
+        try:
+            if not uri.startswith(("http://", "https://")):
+                raise ValueError("not an http(s) URI")
+            if self._client is None:
+                self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            async with self._client.post(uri, json=ticket.document()) as resp:
+                await resp.read()
+                ticket.posted = resp.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            print(
+                f"mailpipe sandbox: posting ticket {ticket.id}'s final status to {uri} failed: "
+                f"{e or type(e).__name__}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     async def ticket(self, request: web.Request) -> web.Response:
         denied = self._ym_denied(request)
