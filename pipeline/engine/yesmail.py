@@ -91,9 +91,9 @@ def ticket_document(
         if location:
             done["location"] = location
         response = done or None
-    elif given:
-        response = dict.fromkeys(("time", "code", "location", "data"))
-        response = {"uri": response_uri, "ref": ref, **response}
+    elif given:  # under way: nothing known yet but what the request said
+        response = {"uri": response_uri, "ref": ref}
+        response.update(dict.fromkeys(("time", "code", "location", "data")))
     return {
         "id": ticket_id,
         "state": last["state"],
@@ -179,10 +179,10 @@ def _judge(
     body: dict[str, Any],
     keys: list[str | None],
     user: str,
-    ref: tuple[str | None, str | None],
+    params: tuple[str | None, str | None],
     api_base: str,
 ) -> SendAnswer:
-    """One well-formed request (``ref``: its responseRef and responseUri) against the
+    """One well-formed request (``params``: its responseRef and responseUri) against the
     state the requests before it left; ``keys`` its recipients' email keys (None: given
     by id alone)."""
     recipients: list[dict[str, Any]] = body["recipients"]
@@ -247,7 +247,7 @@ def _judge(
     if conflict is not None:
         return conflict
     state.apply(staged, staged_divs)
-    return _accepted(recipients, outcomes, user, ref, api_base)
+    return _accepted(recipients, outcomes, user, params, api_base)
 
 
 _Sub = tuple[str | None, str, str, str]  # a Yesmail subscriber: id, email, status, attrs
@@ -605,55 +605,42 @@ def _accepted(
     recipients: list[dict[str, Any]],
     outcomes: list[str],
     user: str,
-    ref: tuple[str | None, str | None],
+    params: tuple[str | None, str | None],
     api_base: str,
 ) -> SendAnswer:
     """The 202: the ticket as first answered, as completed, and the async results. One
     recipient sent: the completed ticket carries its ``data`` (messageId, sentTime) and
     no async results, as 003_… shows; several (or one not mailed): ``processing`` "update
     Ticket for AsyncResult info", then the async results' ``location``."""
-    response_ref, response_uri = ref
+    response_ref, response_uri = params
     ticket_id = secrets.token_hex(12)
     async_id = secrets.token_hex(12)
     request_id = str(uuid.uuid4())
     t0 = _now()
     uri = send_uri(api_base, response_ref, response_uri)
     accepted = {"state": TicketState.ACCEPTED.value, "message": QUEUED, "time": t0}
-    first = ticket_document(
-        ticket_id, request_id, user, uri, response_ref, [accepted], None, response_uri
-    )
+
+    def ticket(
+        events: list[dict[str, str]], location: str | None = None, data: Any = None
+    ) -> dict[str, Any]:
+        return ticket_document(
+            ticket_id, request_id, user, uri, response_ref, events, location, response_uri, data
+        )
+
+    first = ticket([accepted])
     if outcomes == ["completed"]:
         done = {"state": TicketState.COMPLETED.value, "message": COMPLETED, "time": _now()}
         data = {"messageId": str(secrets.randbelow(10**12)).zfill(12), "sentTime": done["time"]}
-        ticket = ticket_document(
-            ticket_id,
-            request_id,
-            user,
-            uri,
-            response_ref,
-            [accepted, done],
-            None,
-            response_uri,
-            data,
+        return SendAnswer(
+            YesmailStatus.ACCEPTED, first, ticket([accepted, done], data=data), None, outcomes
         )
-        return SendAnswer(YesmailStatus.ACCEPTED, first, ticket, None, outcomes)
     processing = {
         "state": TicketState.PROCESSING.value,
         "message": "update Ticket for AsyncResult info",
         "time": _now(),
     }
     done = {"state": TicketState.COMPLETED.value, "message": COMPLETED, "time": _now()}
-    location = f"{api_base}/v2/async-results/{async_id}"
-    ticket = ticket_document(
-        ticket_id,
-        request_id,
-        user,
-        uri,
-        response_ref,
-        [accepted, processing, done],
-        location,
-        response_uri,
-    )
+    final = ticket([accepted, processing, done], f"{api_base}/v2/async-results/{async_id}")
     at = _now()  # the recipients are processed together
     ignored = [i for i, o in enumerate(outcomes) if o == "ignored"] if "ignored" in outcomes else []
     completed = (
@@ -673,4 +660,4 @@ def _accepted(
         "failed": [],
         "ignored": [{"index": i, "time": at} for i in ignored],
     }
-    return SendAnswer(YesmailStatus.ACCEPTED, first, ticket, results, outcomes)
+    return SendAnswer(YesmailStatus.ACCEPTED, first, final, results, outcomes)
