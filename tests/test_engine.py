@@ -2053,3 +2053,34 @@ def test_yesmail_400_without_a_template_id(
     body = {"content": content, "recipients": [{"email": "x@example.com", "id": "x"}]}
     assert_400(evaluate_send(store, body, "u", None), problem)
     assert ym(store, "x@example.com") == (None, set())
+
+
+def test_yesmail_session_judges_each_request_after_the_ones_before(store: Store) -> None:
+    """send_session: requests answered one at a time in one transaction, each as
+    evaluate_send would after the ones before (the simulate backend's halves of a
+    refused request); written when the session ends."""
+    from pipeline.engine.yesmail import send_session
+
+    def body(recipients: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"content": {"templateId": "1"}, "transactional": False, "recipients": recipients}
+
+    joins = {"email": "j@example.com", "id": "j", "subscriptions": {"add": ["A"]}}
+    member = {"email": "j@example.com", "subscriptions": {"isMemberOf": ["A"]}}
+    stranger = {"email": "s@example.com", "id": "s", "subscriptions": {"isMemberOf": ["A"]}}
+    logged: list[Any] = []
+    with send_session(store, log=logged.append) as judge:
+        first = judge(body([joins]), "u", "R", False)
+        second = judge(body([member]), "u", "R", True)  # j is a member now
+        third = judge(body([stranger]), "u", "R", True)
+        assert ym(store, "j@example.com") == (None, set())  # not written yet
+    assert first.status is second.status is YesmailStatus.ACCEPTED
+    assert third.status is YesmailStatus.CONFLICT
+    assert third.body["message"] == "Subscriber must be a memberOf one of '[A]'."
+    assert len(logged) == 1  # log(conn) ran once, in the transaction
+    sub, divisions = ym(store, "j@example.com")
+    assert sub is not None and sub["status"] == "active" and divisions == {"A"}
+    assert ym(store, "s@example.com") == (None, set())
+    # a refused shape is still refused when its emails were checked before
+    with send_session(store) as judge:
+        bad = judge({"content": {}, "recipients": [joins]}, "u", None, True)
+    assert_400(bad, "content.templateId is mandatory")

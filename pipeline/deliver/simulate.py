@@ -9,6 +9,7 @@ the store to one query per chunk of recipients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from pipeline.engine.ondemand import (
     precheck,
 )
 from pipeline.engine.subscribe import evaluate_subscribe
-from pipeline.engine.yesmail import SendAnswer, evaluate_send, evaluate_sends
+from pipeline.engine.yesmail import SendAnswer, evaluate_sends, send_session
 from pipeline.errors import MaestroResult, YesmailStatus
 from pipeline.ledger import log_platform
 from pipeline.payloads import builder_for
@@ -282,27 +283,6 @@ class SimulateBackend:
             k += len(answers)
         return pa.concat_tables(tables) if tables else outcome_table(pa.array([], pa.int64()))
 
-    def _bisect(
-        self,
-        head: dict[str, Any],
-        items: list[dict[str, Any]],
-        idx: list[int],
-        ref: str,
-        attempts: list[dict[str, Any]],
-        fields: dict[str, list[Any]],
-    ) -> None:
-        """Send ``idx`` alone; on 400/409 split it, so only the offending recipients fail."""
-        body = {**head, "recipients": [items[i] for i in idx]}
-        keys = [self._keys_now[i] for i in idx] if self._keys_now else []
-
-        def log(conn: Any, ans: SendAnswer) -> None:
-            log_platform(conn, self.plan.name, keys, _said(ans))
-
-        answer: SendAnswer = evaluate_send(
-            self.store, body, self.cfg.simulate.api_user, ref, log=log if keys else None
-        )
-        self._take(head, items, idx, ref, attempts, fields, answer)
-
     def _take(
         self,
         head: dict[str, Any],
@@ -312,9 +292,11 @@ class SimulateBackend:
         attempts: list[dict[str, Any]],
         fields: dict[str, list[Any]],
         answer: SendAnswer,
+        split: _Split | None = None,
     ) -> None:
         """Record the answer to the recipients ``idx``; a refused group of several is
-        split in halves, each sent again alone."""
+        split in halves, each sent again alone — all the halves of one refused request
+        judged in one transaction of the engine (``split``)."""
         attempts.append(_attempt(idx, answer))
         if answer.status is YesmailStatus.ACCEPTED:
             assert answer.ticket is not None
@@ -335,9 +317,47 @@ class SimulateBackend:
             fields["message"][i] = answer.body.get("message")
             fields["time"][i] = now_iso()
             return
+        if split is not None:
+            self._halves(head, items, idx, ref, attempts, fields, split)
+            return
+        logged: list[tuple[list[str], SendAnswer]] = []
+
+        def log(conn: Any) -> None:
+            for keys, accepted in logged:
+                log_platform(conn, self.plan.name, keys, _said(accepted))
+
+        with send_session(self.store, log=log if self._keys_now else None) as judge:
+            self._halves(head, items, idx, ref, attempts, fields, _Split(judge, logged))
+
+    def _halves(
+        self,
+        head: dict[str, Any],
+        items: list[dict[str, Any]],
+        idx: list[int],
+        ref: str,
+        attempts: list[dict[str, Any]],
+        fields: dict[str, list[Any]],
+        split: _Split,
+    ) -> None:
+        """Send each half of ``idx`` alone; on 400/409 split it again, so only the
+        offending recipients fail."""
         half = len(idx) // 2
-        self._bisect(head, items, idx[:half], ref, attempts, fields)
-        self._bisect(head, items, idx[half:], ref, attempts, fields)
+        for part in (idx[:half], idx[half:]):
+            body = {**head, "recipients": [items[i] for i in part]}
+            # the halves' emails passed the check with the request they came from
+            answer = split.judge(body, self.cfg.simulate.api_user, ref, True)
+            if self._keys_now and answer.status is YesmailStatus.ACCEPTED:
+                split.logged.append(([self._keys_now[i] for i in part], answer))
+            self._take(head, items, part, ref, attempts, fields, answer, split)
+
+
+@dataclass
+class _Split:
+    """The halves of one refused request: the engine session judging them, and the
+    accepted ones' keys and answers for the platform's log."""
+
+    judge: Callable[[Any, str, str | None, bool], SendAnswer]
+    logged: list[tuple[list[str], SendAnswer]]
 
 
 # Yesmail requests a simulate engine call judges together (one transaction)

@@ -20,7 +20,8 @@ import datetime as dt
 import itertools
 import secrets
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -34,7 +35,14 @@ from pipeline.errors import NEW_SUBSCRIBER_NEEDS_ID as _NEW_NEEDS_BOTH
 from pipeline.errors import TicketState, YesmailStatus
 from pipeline.store import Store, email_key, ym_subscribers, ym_subscriptions
 
-__all__ = ["SendAnswer", "evaluate_send", "evaluate_sends", "send_uri", "ticket_document"]
+__all__ = [
+    "SendAnswer",
+    "evaluate_send",
+    "evaluate_sends",
+    "send_session",
+    "send_uri",
+    "ticket_document",
+]
 
 SEND_URI = "https://api.yesmail.com/v2/emails/send"
 QUEUED = "Send email request queued successfully."
@@ -172,6 +180,40 @@ def evaluate_sends(
         if log is not None:
             log(conn, answers)
     return answers
+
+
+@contextmanager
+def send_session(
+    store: Store,
+    api_base: str = "https://api.yesmail.com",
+    log: Callable[[Any], None] | None = None,
+) -> Iterator[Callable[[Any, str, str | None, bool], SendAnswer]]:
+    """Requests judged one at a time, each against what the ones before it left, in one
+    transaction: ``judge(body, user, ref, emails_checked)`` answers each as
+    :func:`evaluate_send` would, for callers whose next request depends on the last
+    answer — the simulate backend's halves of a refused request (a request of 300 that
+    every recipient fails is 599 of them: one transaction each cost ~1.8 ms a recipient).
+    ``emails_checked``: the recipients' emails passed :func:`check_emails` already (a
+    half of a request judged before), so it is not asked again. ``log(conn)`` runs in
+    the transaction, after the writes."""
+    with store.begin() as conn:
+        state = _State(store, conn)
+
+        def judge(body: Any, user: str, ref: str | None, emails_checked: bool) -> SendAnswer:
+            if emails_checked and isinstance(body, dict) and _shape_problem(body) is None:
+                problem, keys = _recipient_problem(body, [0] * len(body["recipients"]))
+            else:
+                [problem], [keys] = _request_problems([body])
+            if problem is not None:
+                return error(YesmailStatus.BAD_REQUEST, problem)
+            assert keys is not None  # made for every well-formed request
+            state.load([k for k in keys if k is not None])
+            return _judge(state, body, keys, user, (ref, None), api_base)
+
+        yield judge
+        state.flush()
+        if log is not None:
+            log(conn)
 
 
 def _judge(
