@@ -647,7 +647,15 @@ def entry() -> None:
     of a million rows). The exit code is the command's.
     """
     import atexit
+    import gc
 
+    # What start-up made lives to the end: out of the collector's sight. A run's threads
+    # then make and drop millions of short-lived containers (parsed JSON, Python lists of
+    # Arrow values); collected every 700 allocations, each full collection walking all that
+    # is alive, they cost the simulate Yesmail stage 0.56 of every 0.70 s spent parsing a
+    # chunk's 72,900 recipients. Collect the young generation every 50,000 instead.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     code = [EXIT_INTERNAL]
 
     def leave() -> None:  # registered first, so it runs after every other handler
