@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import orjson
 import pyarrow as pa
@@ -33,6 +32,7 @@ import sqlalchemy as sa
 from pipeline.emails import check_emails
 from pipeline.errors import NEW_SUBSCRIBER_NEEDS_ID as _NEW_NEEDS_BOTH
 from pipeline.errors import TicketState, YesmailStatus
+from pipeline.payloads.yesmail import send_url
 from pipeline.store import Store, email_key, ym_subscribers, ym_subscriptions
 
 __all__ = [
@@ -40,11 +40,9 @@ __all__ = [
     "evaluate_send",
     "evaluate_sends",
     "send_session",
-    "send_uri",
     "ticket_document",
 ]
 
-SEND_URI = "https://api.yesmail.com/v2/emails/send"
 QUEUED = "Send email request queued successfully."
 COMPLETED = "Send email request completed."
 MAX_RECIPIENTS = 300
@@ -111,14 +109,6 @@ def ticket_document(
         "events": events,
         "lastUpdate": last["time"],
     }
-
-
-def send_uri(api_base: str, ref: str | None, response_uri: str | None = None) -> str:
-    """The request's URI as the ticket shows it, its parameters percent-encoded
-    (``…/send?responseRef=PO611&responseUri=http%3A%2F%2Frequestb.in%2Fpd212hpd``)."""
-    params = [(k, v) for k, v in (("responseRef", ref), ("responseUri", response_uri)) if v]
-    query = urlencode(params, quote_via=quote, safe="")
-    return f"{api_base}/v2/emails/send" + (f"?{query}" if query else "")
 
 
 def evaluate_send(
@@ -659,7 +649,7 @@ def _accepted(
     async_id = secrets.token_hex(12)
     request_id = str(uuid.uuid4())
     t0 = _now()
-    uri = send_uri(api_base, response_ref, response_uri)
+    uri = send_url(api_base, response_ref, response_uri)
     accepted = {"state": TicketState.ACCEPTED.value, "message": QUEUED, "time": t0}
 
     def ticket(

@@ -43,10 +43,14 @@ SEND_PATH = "/v2/emails/send"
 # whole request.
 
 
-def send_url(api_base: str, batch_id: str) -> str:
-    """The URL a batch is POSTed to: ``delivery.http.yesmail_url``, ``/v2/emails/send`` and
-    ``responseRef=<batch id>`` (no secret in it: the key travels in a header)."""
-    return f"{api_base.rstrip('/')}{SEND_PATH}?responseRef={quote(batch_id, safe='')}"
+def send_url(api_base: str, ref: str | None, response_uri: str | None = None) -> str:
+    """The URL a request is POSTed to: ``delivery.http.yesmail_url``, ``/v2/emails/send``
+    and its ``responseRef`` (mailpipe's: the batch id) and ``responseUri`` when given,
+    percent-encoded (no secret in it: the key travels in a header). The sandbox's
+    tickets show the same in ``request.uri``."""
+    params = [(k, v) for k, v in (("responseRef", ref), ("responseUri", response_uri)) if v]
+    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params)
+    return f"{api_base.rstrip('/')}{SEND_PATH}" + (f"?{query}" if query else "")
 
 
 def id_column(plan: JobPlan) -> str:
