@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,9 +219,9 @@ class Ledger:
         said of them before. Normally none: a stopped run's are settled before sending."""
         out: dict[str, Entry] = {}
         wanted: set[str] | None = None
-        for run_id, claimed, _ in self._claims(conn, job):
-            if run_id == self.run_id:
-                continue
+        # this run's own claims are not read at all: each is a whole chunk's JSON (~19 ms
+        # to parse at 69,000 keys, with the GIL held), and one is in flight at every claim
+        for run_id, claimed, _ in self._claims(conn, job, skip={self.run_id}):
             wanted = set(keys) if wanted is None else wanted
             for key in claimed:
                 if key in wanted:
@@ -229,13 +229,15 @@ class Ledger:
         return out
 
     @staticmethod
-    def _claims(conn: Connection, job: str) -> Iterator[tuple[str, list[str], list[str | None]]]:
-        """(run, keys, batches) of every unfinished claim of the job, in claiming order."""
-        for run_id, blob in conn.execute(
-            sa.select(claims.c.run_id, claims.c.members)
-            .where(claims.c.job == job)
-            .order_by(claims.c.run_id, claims.c.seq)
-        ):
+    def _claims(
+        conn: Connection, job: str, skip: Collection[str] = ()
+    ) -> Iterator[tuple[str, list[str], list[str | None]]]:
+        """(run, keys, batches) of every unfinished claim of the job, in claiming order,
+        but those of the runs in ``skip``."""
+        query = sa.select(claims.c.run_id, claims.c.members).where(claims.c.job == job)
+        if skip:
+            query = query.where(claims.c.run_id.not_in(sorted(skip)))
+        for run_id, blob in conn.execute(query.order_by(claims.c.run_id, claims.c.seq)):
             keys, batches = orjson.loads(blob)
             yield run_id, keys, batches
 
@@ -490,9 +492,8 @@ class Ledger:
                 )
                 return [(k, r, b) for k, r, b in rows if r not in live]
             found: dict[str, tuple[str, str | None]] = {}
-            for run_id, keys, batches in self._claims(conn, job):
-                if run_id not in live:
-                    found.update((k, (run_id, b)) for k, b in zip(keys, batches))
+            for run_id, keys, batches in self._claims(conn, job, skip=live):
+                found.update((k, (run_id, b)) for k, b in zip(keys, batches))
             if not found:
                 return []
             # a run stopped by the platform records what was answered, then gives the rest
