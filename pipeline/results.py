@@ -29,7 +29,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrowutil import join_items, scatter, to_bool_np
+from pipeline.arrowutil import join_items, repeat_text, scatter, to_bool_np
 from pipeline.config import JobPlan
 from pipeline.deliver import OUTCOME_SCHEMA
 from pipeline.errors import MaestroResult, RunDirError, SubscribeFailure, YesmailStatus
@@ -256,8 +256,8 @@ class ReportWriter:
             "source": self.paths.take(rows.column("_file")),
             "line": rows.column("_line"),
             "record_id": rows.column("record_id"),
-            "job": pa.array(np.full(n, plan.name, dtype=object), pa.string()),
-            "target": pa.array(np.full(n, plan.target, dtype=object), pa.string()),
+            "job": repeat_text(plan.name, n),
+            "target": repeat_text(plan.target, n),
             "email": rows.column("email"),
             "batch": batch,
         }

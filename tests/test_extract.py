@@ -809,3 +809,28 @@ def test_other_delimiters(tmp_path: Path, delimiter: str, content: bytes) -> Non
         (5, None, None, "row has 3 fields, the header has 4"),
     ]
     assert stats[:3] == (3, 1, 0)
+
+
+# bytes built to hit the UTF-8 edge cases: lead bytes of every length, continuations,
+# surrogates (ED A0..), overlong forms (C0, E0 80, F0 80), past U+10FFFF (F4 90, F5)
+_UTF8_EDGES = st.lists(
+    st.one_of(
+        st.integers(0, 255),
+        st.integers(0x80, 0xBF),
+        st.sampled_from([0x41, 0xC0, 0xC2, 0xDF, 0xE0, 0xED, 0xEF, 0xF0, 0xF4, 0xF5]),
+    ),
+    max_size=16,
+).map(bytes)
+
+
+@settings(max_examples=2000)
+@given(st.one_of(st.binary(max_size=32), _UTF8_EDGES, st.text().map(str.encode)))
+def test_block_utf8_check_agrees_with_the_strict_decoder(data: bytes) -> None:
+    from pipeline.csvread import _is_utf8
+
+    try:
+        data.decode("utf-8")
+        decodes = True
+    except UnicodeDecodeError:
+        decodes = False
+    assert _is_utf8(data) is decodes

@@ -18,7 +18,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrowutil import to_bool_np
+from pipeline.arrowutil import repeat_text, to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
 from pipeline.deliver import OUTCOME_SCHEMA, conform
 from pipeline.deliver.runner import BatchRows, Chunk, fault
@@ -158,7 +158,7 @@ class SimulateBackend:
                 "state": pa.nulls(n, pa.string()),
                 "http_status": pa.nulls(n, pa.int32()),
                 "events": pa.nulls(n, pa.string()),
-                "time": pa.array(np.full(n, now, dtype=object), pa.string()),
+                "time": repeat_text(now, n),
             }
         )
 
@@ -175,7 +175,7 @@ class SimulateBackend:
                 value = pc.if_else(is_bool, low, raw)
                 flags[name] = pc.coalesce(value, default)
             else:
-                flags[name] = pa.array(np.full(n, default, dtype=object), pa.string())
+                flags[name] = repeat_text(default, n)
         profile = {name: rows.column(f"f:{name}").combine_chunks() for name in self.plan.fields}
         rc = RecipColumns(
             email=rows.column("email").combine_chunks(),

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrowutil import to_bool_np
+from pipeline.arrowutil import repeat_text, to_bool_np
 from pipeline.config import JobPlan, MailpipeConfig
 from pipeline.errors import ConfigError
 from pipeline.mail.settings import template_name, transactional
@@ -266,7 +266,7 @@ class Merger:
                 text = ", ".join(default) if isinstance(default, list) else str(default)
                 if isinstance(default, bool):
                     text = text.lower()
-                col = pa.array(np.full(n, text, dtype=object), pa.string())
+                col = repeat_text(text, n)
             out[name] = _as_text(col)
         return out
 
@@ -303,7 +303,7 @@ class Merger:
 def _join(part: Part, values: Mapping[str, pa.Array], n: int) -> pa.Array:
     """The part for every recipient: one element-wise join of literals and value columns."""
     if not part.fields:
-        return pa.array(np.full(n, part.pieces[0], dtype=object), pa.string())
+        return repeat_text(part.pieces[0], n)
     args: list[pa.Array | str] = [
         values[p] if i % 2 else p for i, p in enumerate(part.pieces) if i % 2 or p
     ]

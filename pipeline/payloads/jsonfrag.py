@@ -13,7 +13,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrowutil import json_escape
+from pipeline.arrowutil import json_escape, repeat_text
 from pipeline.config import ProfileField
 
 __all__ = [
@@ -74,7 +74,7 @@ def _joined(pieces: list[pa.Array], n: int) -> pa.Array:
     from that result (a shorter array); ``replace`` keeps every row.
     """
     if not pieces:
-        return pa.array(np.full(n, "", dtype=object), pa.string())
+        return repeat_text("", n)
     joined = pc.binary_join_element_wise(*pieces, "", null_handling="replace", null_replacement="")
     return pc.utf8_ltrim(joined, characters=",")
 
@@ -92,4 +92,4 @@ def array(items: list[pa.Array], n: int) -> pa.Array:
 def constant_member(name: str, value: object, n: int) -> pa.Array:
     """``,"name":value`` with the same JSON value on every row."""
     text = "," + key_text(name) + orjson.dumps(value).decode()
-    return pa.array(np.full(n, text, dtype=object), pa.string())
+    return repeat_text(text, n)

@@ -21,7 +21,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrowutil import to_bool_np
+from pipeline.arrowutil import repeat_text, to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan
 from pipeline.payloads.base import REDACTED, Builder, encoded_bytes, secret_from_env
 from pipeline.payloads.jsonfrag import NULL_STR, field, member, obj, string_literal
@@ -64,7 +64,7 @@ class OnDemandBuilder(Builder):
         default = "true" if getattr(self.plan.job, flag) else "false"
         col = f"flag:{flag}"
         if col not in rows.column_names:
-            return pa.array(np.full(n, default, dtype=object), pa.string())
+            return repeat_text(default, n)
         raw = rows.column(col).combine_chunks()
         low = pc.utf8_lower(raw)
         as_bool = pc.is_in(low, pa.array(["true", "false"]))
