@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline.checkpoint import CHECKPOINT_BYTES, Checkpointer
 from pipeline.store import (
     Store,
     claims,
@@ -148,10 +149,23 @@ class Ledger:
         # the number of the claim :meth:`claim` made last (0: it claimed nothing); hand it
         # to finish/release when several chunks are in flight
         self.claim_seq = 0
+        self._checkpoints: Checkpointer | None = None
 
     def close(self) -> None:
         """Close the ledger's store."""
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         self.store.close()
+
+    def _written(self) -> None:
+        """After a chunk's answers (SQLite): the log checkpointed from a thread once it
+        passes CHECKPOINT_BYTES, not by a commit of the run's (see pipeline.checkpoint)."""
+        if self.store.dry_run or self._dialect != "sqlite":
+            return
+        if self._checkpoints is None:  # a run that writes: the first chunk starts it
+            self._checkpoints = Checkpointer(self.store, every=None)
+            self._checkpoints.start()
+        self._checkpoints.nudge(CHECKPOINT_BYTES)
 
     # -- the run itself ----------------------------------------------------------------
 
@@ -421,6 +435,7 @@ class Ledger:
             conn.execute(
                 runs.update().where(runs.c.run_id == self.run_id).values(heartbeat=time.time())
             )
+        self._written()
 
     def _write(self, conn: Connection, job: str, rows: Answers, run_id: str | None = None) -> None:
         """Upsert entries of this run (or another)."""

@@ -884,7 +884,7 @@ def test_a_released_request_lets_the_requests_after_it_start() -> None:
 def test_the_sandbox_store_is_checkpointed_by_a_thread_not_by_commits(tmp_path: Path) -> None:
     import time
 
-    from pipeline.sandbox.checkpoint import Checkpointer
+    from pipeline.checkpoint import Checkpointer
     from pipeline.store import Store
 
     path = tmp_path / "box.db"

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrowutil import repeat_text, to_bool_np
+from pipeline.checkpoint import CHECKPOINT_BYTES, Checkpointer
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig
 from pipeline.deliver import OUTCOME_SCHEMA, conform
 from pipeline.deliver.runner import BatchRows, Chunk, fault
@@ -65,9 +66,20 @@ class SimulateBackend:
             self.store.sync_mail_jobs(dict(cfg.simulate.mail_jobs))
         self.builder = builder_for(plan)
         self._keys_now: list[str] = []
+        # the engine's commits never checkpoint: a thread does, once the log passes
+        # CHECKPOINT_BYTES (see :meth:`_checkpoint_soon`)
+        self._checkpoints = Checkpointer(self.store, every=None) if not dry_run else None
+        if self._checkpoints is not None:
+            self._checkpoints.start()
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         self.store.close()
+
+    def _checkpoint_soon(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.nudge(CHECKPOINT_BYTES)
 
     @staticmethod
     def _keys(rows: pa.Table) -> list[str]:
@@ -84,6 +96,12 @@ class SimulateBackend:
             chunk.prepared = precheck(self._recip_columns(chunk.rows))
 
     def deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
+        try:
+            return self._deliver(chunk, files)
+        finally:
+            self._checkpoint_soon()
+
+    def _deliver(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         target = self.plan.target
         if target == "maestro-ondemand":
             return self._ondemand(chunk, files)

@@ -51,6 +51,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from pipeline.checkpoint import Checkpointer
 from pipeline.config import JobPlan, MailpipeConfig
 from pipeline.engine.ondemand import columns_from_objects, evaluate_ondemand
 from pipeline.engine.subscribe import evaluate_subscribe
@@ -59,7 +60,6 @@ from pipeline.errors import MaestroResult, SubscribeFailure, YesmailStatus
 from pipeline.payloads.maestro_subscribe import SUBSCRIBE_PATH
 from pipeline.payloads.yesmail import SEND_PATH
 from pipeline.rundir import now_iso
-from pipeline.sandbox.checkpoint import Checkpointer
 from pipeline.sandbox.credentials import Credentials, env_lines, load_credentials
 from pipeline.sandbox.inboxfirst import MailingLists, Refused, envelope
 from pipeline.store import Store
