@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline.arrowutil import join_items, json_escape
 from pipeline.checkpoint import CHECKPOINT_BYTES, Checkpointer
 from pipeline.store import (
     Store,
@@ -609,10 +610,13 @@ def open_ledger(store_url: str, run_id: str, dry_run: bool = False) -> Ledger:
 
 
 def log_platform(
-    conn: Connection, job: str, keys: Sequence[str], outcomes: Sequence[str] | pa.Array
+    conn: Connection,
+    job: str,
+    keys: Sequence[str] | pa.Array,
+    outcomes: Sequence[str] | pa.Array,
 ) -> None:
     """The simulated platform notes what it processed, in the same transaction as its state."""
-    if not keys:
+    if len(keys) == 0:
         return
     said = outcomes if isinstance(outcomes, pa.Array) else pa.array(outcomes, pa.string())
     upsert = (
@@ -621,20 +625,24 @@ def log_platform(
     )
     if conn.engine.dialect.name == "sqlite":
         # one statement per distinct answer (a chunk has few), its keys as one JSON array
-        key_col = pa.array(keys, pa.string())
+        key_col = keys if isinstance(keys, pa.Array) else pa.array(keys, pa.string())
+        # each key a JSON string literal, written by Arrow's kernels (no Python strings)
+        literals = pc.binary_join_element_wise('"', json_escape(key_col), '"', "")
         same = pa.nulls(len(said), pa.string())
         no = pa.array(np.zeros(len(said), bool))
         cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         for (_, _, outcome), at in _groups(same, no, said):
+            group = literals if len(at) == len(literals) else literals.take(pa.array(at))
             cur.execute(
                 "INSERT INTO platform_log (job, key, outcome, sends) "
                 "SELECT ?, value, ?, 1 FROM json_each(?) WHERE true" + upsert,
-                (job, outcome, orjson.dumps(key_col.take(pa.array(at)).to_pylist()).decode()),
+                (job, outcome, "[" + join_items(group).decode() + "]"),
             )
         return
+    key_list = keys.to_pylist() if isinstance(keys, pa.Array) else keys
     conn.exec_driver_sql(
         "INSERT INTO platform_log (job, key, outcome, sends) VALUES (%s, %s, %s, 1)" + upsert,
-        [(job, k, o) for k, o in zip(keys, said.to_pylist())],
+        [(job, k, o) for k, o in zip(key_list, said.to_pylist())],
     )
 
 

@@ -483,3 +483,24 @@ def test_a_busy_store_keeps_a_stale_copy_of_the_moved_ledger_and_the_run_goes_on
     new.close()
     with sqlite3.connect(tmp_path / "s.db") as db:  # the stale copy stayed
         assert db.execute("SELECT count(*) FROM claims").fetchone() == (1,)
+
+
+def test_the_platform_log_keeps_keys_that_json_must_escape(tmp_path: Path) -> None:
+    """log_platform writes a chunk's keys as one JSON array built by Arrow: quotes,
+    backslashes, control characters and non-ASCII keys arrive as they were."""
+    import pyarrow as pa
+
+    from pipeline.ledger import log_platform
+    from pipeline.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    keys = ['k"1', "k\\2", "k\x1f3", "k\u00e94", "k\n5", "plain"]
+    said = ['{"status":"completed"}'] * 4 + ['{"status":"failed"}'] * 2
+    with store.begin() as conn:
+        log_platform(conn, "job", pa.array(keys), said)
+        log_platform(conn, "job", keys[:1], said[:1])  # a list too; a second send
+    with store.begin() as conn:
+        rows = conn.exec_driver_sql("SELECT key, outcome, sends FROM platform_log").fetchall()
+    got = {k: (o, n) for k, o, n in rows}
+    assert got == {k: (o, 2 if k == keys[0] else 1) for k, o in zip(keys, said)}
+    store.close()

@@ -88,6 +88,14 @@ class SimulateBackend:
             return []
         return [k or "" for k in rows.column("_lkey").to_pylist()]
 
+    @staticmethod
+    def _key_column(rows: pa.Table) -> pa.Array | None:
+        """:meth:`_keys` as an array (None when absent): a chunk's 69,000 keys go to the
+        platform's log without becoming Python strings."""
+        if "_lkey" not in rows.column_names:
+            return None
+        return pc.fill_null(rows.column("_lkey").combine_chunks(), "")
+
     def prepare(self, chunk: Chunk) -> None:
         """On-demand: the recipients' columns and what their own objects decide (no store
         needed), worked out while the chunk before is judged (1M rows: ~1.5 s of the
@@ -121,7 +129,7 @@ class SimulateBackend:
         """The whole chunk in one engine call; responses and outcomes built column-wise."""
         rows = chunk.rows
         n = rows.num_rows
-        keys = self._keys(rows)
+        keys = self._key_column(rows)
 
         answered: list[_Answers] = []  # built once: for the platform's log and the files
 
@@ -135,12 +143,14 @@ class SimulateBackend:
                 pc.utf8_slice_codeunits(a.body, 1),
                 "",
             )
+            assert keys is not None
             log_platform(conn, self.plan.name, keys, said)
 
         pre = chunk.prepared
         if not isinstance(pre, Precheck):
             pre = precheck(self._recip_columns(rows))
-        answer = evaluate_ondemand(self.cfg, self.plan, self.store, pre, log=log if keys else None)
+        logs = keys is not None and len(keys) > 0
+        answer = evaluate_ondemand(self.cfg, self.plan, self.store, pre, log=log if logs else None)
         now = now_iso()
         recs = rows.column("_rec").combine_chunks()
         if answer.request_error is not None:
