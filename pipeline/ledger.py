@@ -159,9 +159,10 @@ class Ledger:
         self.store.close()
 
     def _written(self) -> None:
-        """After a chunk's answers (SQLite): the log checkpointed from a thread once it
-        passes CHECKPOINT_BYTES, not by a commit of the run's (see pipeline.checkpoint)."""
-        if self.store.dry_run or self._dialect != "sqlite":
+        """After a chunk's answers: the log checkpointed from a thread once it passes
+        CHECKPOINT_BYTES, not by a commit of the run's (see pipeline.checkpoint; a store
+        other than SQLite has no such log, and the checkpointer does nothing)."""
+        if self.store.dry_run:
             return
         if self._checkpoints is None:  # a run that writes: the first chunk starts it
             self._checkpoints = Checkpointer(self.store, every=None)
