@@ -349,16 +349,26 @@ def main() -> None:
             )
             tries.append(got)
         runs["simulate order-confirmation"] = median_run(tries, "deliver_vs_build")
-        # the deliver stage alone, in a process of its own (its CPU time and memory), on
-        # the same run directory and a fresh copy of the store
-        (run_dir,) = out.iterdir()
+        # the deliver stage alone, in a process of its own (its CPU time and memory), on a
+        # run built for it (until build, not measured) and a fresh copy of the store.
+        # Delivering the simulate run's directory again overwrote its 44,224 response
+        # files: 7.0-8.6 s against ~5 s for the same stage writing them new
+        fresh(work_store)
+        alone = runs_dir("simulate deliver stage")
+        build_only = ["run", "--config", config, "--job", "order-confirmation", "--until", "build"]
+        code, _, _, _, built_err = waited(
+            [*MAILPIPE, *build_only], mailpipe_env(orders, work_store, alone)
+        )
+        if code != 0:
+            raise SystemExit(f"simulate deliver stage, its build: exit {code}\n{built_err}")
+        (run_dir,) = alone.iterdir()
         fresh(work_store)
         shutil.copy(store, work_store)
         runs["simulate deliver stage"] = measure(
             "simulate deliver stage",
             [*MAILPIPE, "deliver", str(run_dir)],
             rows,
-            mailpipe_env(orders, work_store, out),
+            mailpipe_env(orders, work_store, alone),
         )
     remove_runs(wait=False)
     report(results)
