@@ -271,7 +271,7 @@ class SimulateBackend:
     def _yesmail(self, chunk: Chunk, files: BatchFileWriter) -> pa.Table:
         """The chunk's requests judged ``_GROUP`` at a time, one engine call (and one
         transaction) each, in order: a group stops at its first refused request, which
-        is split (see :meth:`_bisect`) before the requests after it go."""
+        is split (see :meth:`_take`) before the requests after it go."""
         head = orjson.loads(self.builder.body_head() + b"]}")  # type: ignore[attr-defined]
         items = [orjson.loads(i) for i in self.builder.items(chunk.rows).to_pylist()]
         keys = self._keys(chunk.rows)

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 from pipeline.arrowutil import to_bool_np
 from pipeline.config import FLAG_NAMES, JobPlan, MailpipeConfig, ProfileField
 from pipeline.emails import INVALID, MISSING, check_emails
-from pipeline.engine.subscribe import INT_MAX, INT_MIN, _type_problem
+from pipeline.engine.subscribe import INT_MAX, INT_MIN, type_problem
 from pipeline.errors import MaestroResult as R
 from pipeline.normalize import arrow_type
 from pipeline.payloads.jsonfrag import field as json_member
@@ -530,7 +530,7 @@ def _judge_profile(
             continue
         # on-demand merge fields are plain text (JobPlan.field_spec): a value of any
         # other JSON type is a validation error, not a crash when building columns
-        bad = _type_problem(plan.field_spec(name), value)
+        bad = type_problem(plan.field_spec(name), value)
         if bad and value is not None:
             problems.append(f"{name}: {bad}")
         else:
@@ -539,7 +539,7 @@ def _judge_profile(
 
 
 def _surely_of_type(spec: ProfileField) -> Callable[[Any], bool] | None:
-    """A test that passes a (non-null) value only when :func:`_type_problem` finds nothing
+    """A test that passes a (non-null) value only when :func:`type_problem` finds nothing
     wrong with it (it may fail some that are fine: those are judged one by one); None for
     plain optional text, where the test is ``type(v) is str``."""
     if spec.type == "number":

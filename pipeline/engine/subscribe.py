@@ -33,7 +33,7 @@ from pipeline.emails import check_emails
 from pipeline.errors import SubscribeFailure as F
 from pipeline.store import Store, email_key, hash_password, profile_json
 
-__all__ = ["SubscribeCall", "evaluate_subscribe", "find_list", "profile_problems"]
+__all__ = ["SubscribeCall", "evaluate_subscribe", "find_list", "profile_problems", "type_problem"]
 
 SUCCESS: dict[str, Any] = {"result": "SUCCESS"}
 SubscribeCall = dict[
@@ -80,7 +80,7 @@ def profile_problems(
             continue
         if value is None:  # a null value is no value: judged below, like a missing entry
             continue
-        bad = _type_problem(spec, value)
+        bad = type_problem(spec, value)
         if bad:
             problems.append(f"{name}: {bad}")
         elif value is not None:
@@ -99,7 +99,9 @@ def profile_problems(
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
-def _type_problem(spec: ProfileField, value: Any) -> str | None:
+def type_problem(spec: ProfileField, value: Any) -> str | None:
+    """What is wrong with a profile value as the field's type takes it (None: nothing);
+    subscribe and on-demand judge a value the same way."""
     if value is None:
         return "mandatory field has no value" if spec.mandatory else None
     if spec.type == "number":
